@@ -65,6 +65,10 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision
 IMAGENET_STD = (0.229, 0.224, 0.225)  # torchvision
 RESIZE = 256  # field convention: Resize(256) -> crop 224
 CROP = 224
+VAL_FRACTION = 0.2  # DECISION: share of the training classes held out as class-disjoint validation
+VAL_SEED = 0  # DECISION: seed of the validation class draw
+FOLDER_TRAIN_FRACTION = 0.5  # DECISION: "folder" layout, first half of the classes train (CUB/Cars rule)
+SMALL_VAL_FRACTION = 0.2  # DECISION: fashion_mnist/digits (5 training classes): 20 % image hold-out
 
 # --- Optimisation (Roth et al. 2020; the paper gives only the learning rate) ---------------------
 LR = 1e-4  # PAPER: backbone lr

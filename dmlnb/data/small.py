@@ -24,13 +24,13 @@ import numpy as np
 
 from dmlnb.data.registry import register
 from dmlnb.data.tensor import TensorImageDataset, check_options, resize_uint8, select_per_class
+from dmlnb.defaults import SMALL_VAL_FRACTION
 
 FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 TRAIN_CLASSES = (0, 1, 2, 3, 4)
 TEST_CLASSES = (5, 6, 7, 8, 9)
-VAL_FRACTION = 0.2  # DECISION: image hold-out, see module docstring
 OPTIONS = ("image_size", "max_per_class", "subset_seed", "val_seed", "transform")
 
 
@@ -64,7 +64,7 @@ def _split_indices(labels: np.ndarray, split: str, val_seed: int) -> np.ndarray:
     is_val = np.zeros(idx.size, dtype=bool)
     for c in TRAIN_CLASSES:
         members = np.flatnonzero(labels[idx] == c)
-        n_val = int(round(VAL_FRACTION * members.size))
+        n_val = int(round(SMALL_VAL_FRACTION * members.size))
         is_val[rng.choice(members, n_val, replace=False)] = True
     return idx[is_val] if split == "val" else idx[~is_val]
 
