@@ -80,3 +80,5 @@ RECALL_KS = (1, 2, 4, 8)  # CUB/Cars convention
 SOP_RECALL_KS = (1, 10, 100, 1000)  # SOP convention
 KMEANS_SEED = 0  # DECISION: recorded with every result
 NMI_AVERAGE = "arithmetic"  # scikit-learn default, passed explicitly
+KNN_BLOCK_BYTES = 128 * 2**20  # DECISION: similarity block per k-NN chunk (bounded memory at SOP size)
+FAISS_KMEANS_NITER = 20  # PML / Roth et al. 2020: faiss KMeans iterations

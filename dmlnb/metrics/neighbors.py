@@ -1,0 +1,189 @@
+"""Exact, chunked k-nearest-neighbour search by cosine (or dot-product) similarity.
+
+Queries are processed in blocks: one block's similarities to the whole reference set
+(``chunk x n_reference``) are computed with one matrix product, and the k largest are kept. The
+full ``n x n`` similarity matrix never exists, so memory is bounded by the block size.
+
+Tie-breaking (the definition used everywhere in :mod:`dmlnb.metrics`)
+---------------------------------------------------------------------
+Neighbours are ordered by similarity, largest first; **on equal similarity the reference item with
+the lower index ranks first**. This is exactly the order of a stable sort of the full similarity
+row by descending similarity, so the chunked search and a brute-force sort agree item by item,
+including for exact duplicate embeddings. (``torch.topk`` alone does not promise any order among
+ties: rows whose k-th value is tied with items left outside the top k are re-selected exactly.)
+Leave-one-out search excludes the query *by index* (its own similarity is set to ``-inf``), never
+by dropping the first neighbour, which would be wrong for duplicates.
+
+Note that equality is equality of the computed float values: two mathematically equal
+similarities that the matrix product rounds differently are not a tie.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from dmlnb._validate import check_positive_int
+
+# bytes that one block of query-vs-reference similarities may take (float32 matrix plus the same
+# again for temporaries); 128 MiB keeps SOP (60,502 references) at ~270 queries a block.
+from dmlnb.defaults import KNN_BLOCK_BYTES  # noqa: E402
+from dmlnb.metrics._inputs import as_embeddings, l2_normalize
+
+
+def auto_chunk_size(n_reference: int, itemsize: int = 4, budget: int = KNN_BLOCK_BYTES) -> int:
+    """Queries per block so that a block of similarities (plus temporaries) fits in ``budget``."""
+    return max(1, int(budget // (2 * max(1, n_reference) * itemsize)))
+
+
+def topk_stable(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest entries of each row, ordered by value (descending) then index (ascending).
+
+    Equivalent to ``torch.sort(sims, descending=True, stable=True)[..., :k]`` without sorting
+    whole rows: ``torch.topk`` picks candidates, and only rows where the k-th value is tied with
+    items outside the candidates are re-selected (lowest indices among the tied values win).
+    """
+    vals, idx = torch.topk(sims, k, dim=1, largest=True, sorted=False)
+    kth = vals.min(dim=1, keepdim=True).values
+    # every item above the k-th value is kept, so an item tied with it was left out iff more
+    # than k items are >= it (one pass over the row)
+    bad = ((sims >= kth).sum(dim=1, dtype=torch.int32) > k).nonzero().flatten()
+    if bad.numel() > 0:
+        s = sims[bad]
+        kb = kth[bad]
+        greater = s > kb
+        tied = s == kb
+        need = k - greater.sum(dim=1, keepdim=True)
+        chosen = greater | (tied & (tied.cumsum(dim=1) <= need))
+        cols = chosen.nonzero()[:, 1].reshape(len(bad), k)  # row-major: ascending index
+        idx[bad] = cols
+        vals[bad] = s.gather(1, cols)
+    # final order: index ascending, then a stable sort by value descending
+    by_index = torch.argsort(idx, dim=1)
+    idx, vals = idx.gather(1, by_index), vals.gather(1, by_index)
+    by_value = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    return vals.gather(1, by_value), idx.gather(1, by_value)
+
+
+def _prepare(
+    query: Any, reference: Any | None, normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    q = as_embeddings("query", query)
+    if reference is None:
+        r, same = q, True
+    else:
+        r = as_embeddings("reference", reference, device=q.device)
+        same = False
+        if r.shape[1] != q.shape[1]:
+            raise ValueError(
+                f"query has dimension {q.shape[1]} but reference has dimension {r.shape[1]}"
+            )
+    if q.dtype != r.dtype:
+        q, r = q.to(torch.float64), r.to(torch.float64)
+    if normalize:
+        q = l2_normalize(q)
+        r = q if same else l2_normalize(r)
+    return q, r, same
+
+
+def iter_similarity_blocks(
+    query: torch.Tensor,
+    reference: torch.Tensor,
+    *,
+    exclude_self: bool,
+    chunk_size: int | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Yield ``(start, sims)``: similarities ``[block, n_reference]`` of one block of queries.
+
+    ``query`` and ``reference`` must be 2-D tensors on one device with one dtype (no checks:
+    use :func:`knn` for user input). With ``exclude_self``, ``sims[i, start + i] = -inf``.
+    """
+    n_q, n_r = query.shape[0], reference.shape[0]
+    if chunk_size is None:
+        chunk_size = auto_chunk_size(n_r, query.element_size())
+    ref_t = reference.t()
+    for start in range(0, n_q, chunk_size):
+        stop = min(n_q, start + chunk_size)
+        sims = query[start:stop] @ ref_t
+        if exclude_self:
+            rows = torch.arange(stop - start, device=sims.device)
+            sims[rows, rows + start] = float("-inf")
+        yield start, sims
+
+
+def iter_knn(
+    query: torch.Tensor,
+    reference: torch.Tensor,
+    k: int,
+    *,
+    exclude_self: bool,
+    chunk_size: int | None = None,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yield ``(start, sims, indices)`` block by block for already-prepared tensors.
+
+    ``query`` and ``reference`` must be 2-D tensors on one device with one dtype (no checks:
+    use :func:`knn` for user input). ``sims`` and ``indices`` have shape ``[block, k]``.
+    """
+    for start, sims in iter_similarity_blocks(
+        query, reference, exclude_self=exclude_self, chunk_size=chunk_size
+    ):
+        vals, idx = topk_stable(sims, k)
+        yield start, vals, idx
+
+
+def knn(
+    query: Any,
+    reference: Any | None,
+    k: int,
+    *,
+    exclude_self: bool | None = None,
+    chunk_size: int | None = None,
+    normalize: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest neighbours of each query in ``reference`` by cosine similarity.
+
+    Parameters
+    ----------
+    query : tensor or array, shape [n_query, dim]
+        Query embeddings. The search runs on their device (CUDA when they are on CUDA).
+    reference : tensor or array, shape [n_reference, dim], or None
+        Items searched. ``None`` means the queries themselves (leave-one-out).
+    k : int
+        Neighbours per query, ``1 <= k <= n_reference`` (``n_reference - 1`` with ``exclude_self``).
+    exclude_self : bool, optional
+        Exclude query ``i`` from its own list by index (requires query ``i`` to be reference item
+        ``i``). Default: True when ``reference`` is None, else False.
+    chunk_size : int, optional
+        Queries per block; default from a memory budget of :data:`KNN_BLOCK_BYTES`.
+    normalize : bool, default True
+        L2-normalise both sets first (cosine similarity); False uses raw dot products.
+
+    Returns
+    -------
+    sims : tensor [n_query, k]
+        Similarities, descending along each row.
+    indices : tensor [n_query, k] (int64)
+        Reference indices. On equal similarity the lower index ranks first (module docstring).
+    """
+    q, r, same = _prepare(query, reference, normalize)
+    if exclude_self is None:
+        exclude_self = same
+    if exclude_self and q.shape[0] != r.shape[0]:
+        raise ValueError(
+            f"exclude_self=True needs query i to be reference item i, but query has {q.shape[0]} "
+            f"rows and reference {r.shape[0]}"
+        )
+    check_positive_int("k", k)
+    available = r.shape[0] - int(exclude_self)
+    if k > available:
+        raise ValueError(f"k={k} is larger than the {available} reference items available")
+    if chunk_size is not None:
+        check_positive_int("chunk_size", chunk_size)
+    sims = torch.empty(q.shape[0], k, dtype=q.dtype, device=q.device)
+    idx = torch.empty(q.shape[0], k, dtype=torch.int64, device=q.device)
+    for start, v, i in iter_knn(q, r, k, exclude_self=exclude_self, chunk_size=chunk_size):
+        sims[start : start + len(v)] = v
+        idx[start : start + len(v)] = i
+    return sims, idx

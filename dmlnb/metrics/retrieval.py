@@ -1,0 +1,160 @@
+"""Retrieval metrics per query: Recall@K, R-Precision and MAP@R, exact, from a chunked k-NN.
+
+Definitions (CONVENTIONS.md; Musgrave et al., "A Metric Learning Reality Check", ECCV 2020)
+-----------------------------------------------------------------------------------------
+For a query q with label y_q, let rel(i) = 1 if its i-th neighbour (query excluded by index in
+leave-one-out form; ties broken by lower reference index, see :mod:`dmlnb.metrics.neighbors`)
+has label y_q, and R_q = number of reference items with label y_q (minus 1 in leave-one-out form).
+
+- Recall@K (the DML meaning, not IR recall) = 1[sum_{i<=K} rel(i) >= 1]. Recall@1 equals
+  Precision@1. When K exceeds the number of reference items available, all of them are used.
+- R-Precision = (1/R_q) sum_{i<=R_q} rel(i).
+- MAP@R = (1/R_q) sum_{i<=R_q} P(i) rel(i), with P(i) = (1/i) sum_{j<=i} rel(j). The
+  denominator is always R_q. The neighbour list always reaches max_q R_q, so MAP@R is exact for
+  every class size.
+- Computation: one pass over blocks of the similarity matrix. Recall@K uses the exact position
+  of the first relevant neighbour in the tie-broken order (so K = 1000 costs no top-1000
+  sort); R-Precision and MAP@R use the top max_q R_q neighbours
+  (:func:`dmlnb.metrics.neighbors.topk_stable`).
+- Lone queries (R_q = 0: no other item of their label in the reference set) get NaN for
+  R-Precision and MAP@R (they are excluded from those means and counted), and 0 for Recall@K
+  (they are kept in the Recall@K mean, which is a mean over all queries).
+
+Differences from pytorch-metric-learning's AccuracyCalculator (v2.9): it drops lone queries from
+precision_at_1 as well (dmlnb keeps them at 0 in Recall@K); in leave-one-out form it searches k+1
+neighbours and drops the first column instead of excluding the query by index, which differs
+when exact duplicates tie with the query; its tie order is faiss's, not defined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from dmlnb._validate import check_positive_int
+from dmlnb.metrics._inputs import as_embeddings, as_labels, l2_normalize
+from dmlnb.metrics.neighbors import iter_similarity_blocks, topk_stable
+
+
+def relevant_counts(
+    query_labels: torch.Tensor, reference_labels: torch.Tensor, leave_one_out: bool
+) -> torch.Tensor:
+    """R_q for every query: reference items sharing its label (minus itself in leave-one-out)."""
+    classes, counts = torch.unique(reference_labels, return_counts=True)
+    pos = torch.searchsorted(classes, query_labels).clamp(max=len(classes) - 1)
+    r = torch.where(classes[pos] == query_labels, counts[pos], torch.zeros_like(pos))
+    return r - int(leave_one_out)
+
+
+def check_ks(ks: Sequence[int]) -> tuple[int, ...]:
+    """Validate a sequence of K values (each an int >= 1), keep their order, drop duplicates."""
+    if isinstance(ks, (int, np.integer)) and not isinstance(ks, bool):
+        ks = (int(ks),)
+    try:
+        ks = tuple(dict.fromkeys(ks))
+    except TypeError:
+        raise TypeError(f"ks must be a sequence of integers, got {ks!r}") from None
+    if not ks:
+        raise ValueError("ks is empty; give at least one K >= 1, e.g. ks=(1, 2, 4, 8)")
+    for k in ks:
+        check_positive_int("K in ks", int(k) if isinstance(k, np.integer) else k)
+    return tuple(int(k) for k in ks)
+
+
+def retrieval_scores(
+    embeddings: Any,
+    labels: Any,
+    *,
+    reference: Any | None = None,
+    reference_labels: Any | None = None,
+    ks: Sequence[int] = (1,),
+    normalize: bool = True,
+    chunk_size: int | None = None,
+    ranking: bool = True,
+) -> dict[str, np.ndarray]:
+    """Per-query Recall@K, R-Precision and MAP@R (module docstring for the definitions).
+
+    Parameters
+    ----------
+    embeddings, labels : query embeddings [n, dim] and integer labels [n].
+    reference, reference_labels : optional gallery; None means leave-one-out among the queries.
+    ks : K values for Recall@K.
+    normalize : L2-normalise first (cosine similarity), default True.
+    chunk_size : queries per k-NN block (default from a memory budget).
+    ranking : also compute R-Precision and MAP@R (the neighbour list then reaches max R_q).
+
+    Returns
+    -------
+    dict with float64 arrays of length n: ``recall@K`` (0/1) for each K, ``r_precision`` and
+    ``map@r`` (NaN for lone queries) when ``ranking``, and ``r`` (int64, R_q).
+    """
+    ks = check_ks(ks)
+    q = as_embeddings("embeddings", embeddings)
+    yq = as_labels("labels", labels, q.shape[0], device=q.device)
+    leave_one_out = reference is None
+    if leave_one_out:
+        if reference_labels is not None:
+            raise ValueError("reference_labels was given without reference")
+        r, yr = q, yq
+    else:
+        if reference_labels is None:
+            raise ValueError("reference was given without reference_labels")
+        r = as_embeddings("reference", reference, device=q.device)
+        yr = as_labels("reference_labels", reference_labels, r.shape[0], device=q.device)
+        if r.shape[1] != q.shape[1]:
+            raise ValueError(
+                f"embeddings have dimension {q.shape[1]} but reference has {r.shape[1]}"
+            )
+        if q.dtype != r.dtype:
+            q, r = q.to(torch.float64), r.to(torch.float64)
+    if normalize:
+        q = l2_normalize(q)
+        r = q if leave_one_out else l2_normalize(r)
+    available = r.shape[0] - int(leave_one_out)
+    if available < 1:
+        raise ValueError("leave-one-out retrieval needs at least 2 items; got 1")
+
+    rq = relevant_counts(yq, yr, leave_one_out)
+    r_max = int(rq.max()) if ranking else 0
+    n, n_r = q.shape[0], r.shape[0]
+    dev = q.device
+    first_hit = torch.empty(n, dtype=torch.int64, device=dev)
+    rp = torch.full((n,), float("nan"), dtype=torch.float64, device=dev)
+    ap = torch.full((n,), float("nan"), dtype=torch.float64, device=dev)
+    ranks = torch.arange(1, r_max + 1, device=dev, dtype=torch.float64)
+    cols = torch.arange(n_r, device=dev)
+    for start, sims in iter_similarity_blocks(
+        q, r, exclude_self=leave_one_out, chunk_size=chunk_size
+    ):
+        stop = start + sims.shape[0]
+        yb = yq[start:stop]
+        # Recall@K needs only the position of the first relevant neighbour in the stable order:
+        # the relevant item j* of largest similarity s* (lowest index among equals) is preceded
+        # by every item with s > s* and every item with s = s* and a lower index.
+        same = yr[None, :] == yb[:, None]
+        if leave_one_out:
+            rows = torch.arange(stop - start, device=dev)
+            same[rows, rows + start] = False
+        best = torch.where(same, sims, float("-inf")).max(dim=1, keepdim=True).values
+        at_best = sims == best
+        j_star = torch.where(same & at_best, cols, n_r).min(dim=1, keepdim=True).values
+        pos = (sims > best).sum(dim=1) + (at_best & (cols < j_star)).sum(dim=1)
+        no_hit = torch.iinfo(torch.int64).max  # lone query: no K reaches it
+        first_hit[start:stop] = torch.where(best[:, 0] > float("-inf"), pos, no_hit)
+        if r_max > 0:
+            _, idx = topk_stable(sims, r_max)
+            rel = (yr[idx] == yb[:, None]).double()  # [block, r_max]
+            rb = rq[start:stop].to(torch.float64)
+            within = ranks[None, :] <= rb[:, None]
+            prec = rel.cumsum(dim=1) / ranks[None, :]
+            rp[start:stop] = (rel * within).sum(dim=1) / rb  # 0/0 -> NaN for lone queries
+            ap[start:stop] = (prec * rel * within).sum(dim=1) / rb
+    res = {f"recall@{kk}": (first_hit < kk).double().cpu().numpy() for kk in ks}
+    if ranking:
+        res["r_precision"] = rp.cpu().numpy()
+        res["map@r"] = ap.cpu().numpy()
+    res["r"] = rq.cpu().numpy()
+    return res
