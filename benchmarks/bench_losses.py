@@ -1,3 +1,4 @@
+# ruff: noqa: B023  (the lambdas are called inside the loop iteration that defines them)
 """dmlnb's DML losses vs pytorch-metric-learning: forward + backward on the same inputs, same run.
 
 Run: ``.venv/bin/python benchmarks/bench_losses.py`` (one thread; median of 15 repetitions).

@@ -74,6 +74,15 @@ SMALL_VAL_FRACTION = 0.2  # DECISION: fashion_mnist/digits (5 training classes):
 LR = 1e-4  # PAPER: backbone lr
 HEAD_LR_MULT = 10.0  # REPRO: heads at 10x
 WEIGHT_DECAY = 4e-4  # Roth et al. 2020
+PAPER_EPOCHS = 100  # PAPER.md "Training protocol": about 100 epochs with a step schedule
+LR_DECAY = 0.1  # step schedule: factor at each milestone (Roth et al. 2020 use 0.3 - 0.1)
+LR_MILESTONES = (0.6, 0.85)  # DECISION: step schedule milestones as fractions of the epochs
+
+# --- CPU defaults for the embedded glyph data (DECISION; the paper's values live in the presets) ---
+GLYPH_EPOCHS = 4  # with GLYPH_STEPS_PER_EPOCH: ~1-3 min on 2 cores for the small CNN
+GLYPH_STEPS_PER_EPOCH = 40  # cap; an epoch of glyphs' train split is longer
+GLYPH_BATCH_SIZE = 80  # 20 classes x 4: glyphs' train split has 25 classes (< the paper's 30)
+GLYPH_LR = 1e-3  # a small CNN trained from scratch: PAPER's 1e-4 is for a pretrained ResNet-50
 
 # --- Evaluation ----------------------------------------------------------------------------------
 RECALL_KS = (1, 2, 4, 8)  # CUB/Cars convention

@@ -1,0 +1,324 @@
+"""Run directories: create, write atomically, load, list.
+
+A run directory describes itself (DESIGN.md)::
+
+    RUN_DIR/
+      config.json        the full TrainConfig (every setting, defaults included)
+      metrics.jsonl      one JSON object per line: kind = "step" | "epoch" | "val" | "test_curve" | "test"
+      checkpoints/
+        last.pt          model, loss, optimiser, scheduler, sampler position, RNG states
+        best.pt          model (and loss) weights of the best validation epoch
+      embeddings.npz     final test evaluation: embeddings, labels, indices
+      summary.json       config, best epoch, val and test metrics, seed, wall time, versions
+
+Everything a notebook or a sweep needs is read back through :func:`load_run` (never by parsing
+printed logs). Every JSON file and checkpoint is written to a temporary file in the same folder
+and then renamed over the target (:func:`os.replace`), so a crash leaves the old file or the new
+one, never half of one. Checkpoints hold only tensors and plain Python values and load with
+``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from dmlnb.config import TrainConfig
+    from dmlnb.model import EmbeddingNet
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+EMBEDDINGS_FILE = "embeddings.npz"
+CHECKPOINT_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+
+
+class RunExistsError(FileExistsError):
+    """A run directory already holds a run, and ``resume`` was not asked for."""
+
+
+# --- atomic writes -------------------------------------------------------------------------------
+def _atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically (temp file + rename)."""
+    data = (json.dumps(_jsonable(obj), indent=2) + "\n").encode("utf-8")
+    return _atomic(Path(path), lambda fh: fh.write(data))
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically."""
+    data = text.encode("utf-8")
+    return _atomic(Path(path), lambda fh: fh.write(data))
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
+    """``torch.save(state)`` to ``path`` atomically. ``state`` must hold only tensors and plain
+    Python containers/values so that :func:`load_checkpoint` can use ``weights_only=True``."""
+    import torch
+
+    return _atomic(Path(path), lambda fh: torch.save(state, fh))
+
+
+def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``torch.load(weights_only=True)``."""
+    import torch
+
+    return torch.load(Path(path), map_location=map_location, weights_only=True)
+
+
+def save_npz(path: str | Path, **arrays: Any) -> Path:
+    """``numpy.savez`` to ``path`` atomically."""
+    import numpy as np
+
+    return _atomic(Path(path), lambda fh: np.savez(fh, **arrays))
+
+
+def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
+    """Append one JSON line (flushed) to ``path``."""
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(_jsonable(record)) + "\n")
+        fh.flush()
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a JSON-lines file; a torn last line (crash while writing) is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    out = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise
+    return out
+
+
+def truncate_metrics(run_dir: str | Path, step: int) -> None:
+    """Drop records logged after global step ``step`` (used on resume, so that the resumed run's
+    log equals an uninterrupted one)."""
+    path = Path(run_dir) / METRICS_FILE
+    keep = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+    write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def _jsonable(obj: Any) -> Any:
+    """numpy / torch scalars and paths -> plain JSON values; NaN kept as JSON's NaN."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        return obj.item()
+    if hasattr(obj, "tolist") and callable(obj.tolist):
+        return obj.tolist()
+    return obj
+
+
+# --- creating ------------------------------------------------------------------------------------
+def default_run_name(config: TrainConfig) -> str:
+    """``YYYYmmdd-HHMMSS-<dataset>-<loss>-<ssr|base>-s<seed>-<6 hex>``: sortable and unique."""
+    tag = "ssr" if config.ssr else "base"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{config.dataset}-{config.loss}-{tag}-s{config.seed}-{secrets.token_hex(3)}"
+
+
+def is_run(path: str | Path) -> bool:
+    """Whether ``path`` holds a run (a config.json)."""
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+def create_run_dir(config: TrainConfig) -> Path:
+    """Make the run directory of ``config`` (a :class:`~dmlnb.config.TrainConfig`).
+
+    ``config.run_dir`` ``None``: a new unique folder under ``config.runs_root``. A given
+    ``run_dir`` that already holds anything is refused (:class:`RunExistsError` naming it) unless
+    ``config.resume`` is true and it holds a run; with ``resume`` an absent or empty folder
+    starts a fresh run there.
+    """
+    if config.run_dir is None:
+        root = Path(config.runs_root)
+        root.mkdir(parents=True, exist_ok=True)
+        for _ in range(100):
+            path = root / default_run_name(config)
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+        raise RunExistsError(f"could not make a unique run directory under {root}")  # pragma: no cover
+    path = Path(config.run_dir)
+    if path.exists() and not path.is_dir():
+        raise RunExistsError(f"run_dir {str(path)!r} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        if not config.resume:
+            raise RunExistsError(
+                f"run_dir {str(path)!r} already exists and is not empty; pass resume=True to "
+                f"continue that run, or choose another run_dir (or run_dir=None for a new one)"
+            )
+        if not is_run(path):
+            raise RunExistsError(
+                f"run_dir {str(path)!r} is not empty and holds no run ({CONFIG_FILE} missing); "
+                f"refusing to write into it"
+            )
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def checkpoint_path(run_dir: str | Path, which: str = "last") -> Path:
+    """Path of the ``"last"`` or ``"best"`` checkpoint of a run."""
+    from dmlnb._validate import check_choice
+
+    check_choice("which", which, ("last", "best"))
+    name = LAST_CHECKPOINT if which == "last" else BEST_CHECKPOINT
+    return Path(run_dir) / CHECKPOINT_DIR / name
+
+
+# --- reading -------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """A run directory read back: config, metric records, summary (``None`` while unfinished)."""
+
+    path: Path
+    config: dict[str, Any]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.summary is not None
+
+    @property
+    def test_metrics(self) -> dict[str, float]:
+        return dict((self.summary or {}).get("test", {}))
+
+    def metrics(self, kind: str | None = None) -> pd.DataFrame:
+        """The records as a :class:`pandas.DataFrame`, optionally only those of ``kind``
+        ("step", "epoch", "val", "test_curve", "test")."""
+        import pandas as pd
+
+        recs = self.records if kind is None else [r for r in self.records if r.get("kind") == kind]
+        return pd.DataFrame.from_records(recs)
+
+    def embeddings(self) -> dict[str, Any]:
+        """The final test evaluation: ``embeddings`` [n, d], ``labels`` [n], ``indices`` [n]
+        (positions in the test split)."""
+        import numpy as np
+
+        path = self.path / EMBEDDINGS_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist: the run has not finished")
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+
+    def train_config(self) -> TrainConfig:
+        """The run's :class:`~dmlnb.config.TrainConfig`."""
+        from dmlnb.config import TrainConfig
+
+        return TrainConfig.from_dict(self.config)
+
+    def load_model(self, which: str = "best", device: str = "cpu") -> EmbeddingNet:
+        """See :func:`load_model`."""
+        return load_model(self.path, which=which, device=device)
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read the run in ``run_dir`` (config.json, metrics.jsonl, summary.json if finished)."""
+    path = Path(run_dir)
+    if not is_run(path):
+        raise FileNotFoundError(f"{str(path)!r} is not a run directory ({CONFIG_FILE} missing)")
+    config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    summary_file = path / SUMMARY_FILE
+    summary = json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.exists() else None
+    return Run(path=path, config=config, records=read_jsonl(path / METRICS_FILE), summary=summary)
+
+
+def list_runs(root: str | Path = "runs", *, finished_only: bool = False) -> list[Path]:
+    """Run directories anywhere under ``root`` (sorted by path)."""
+    root = Path(root)
+    if not root.exists():
+        return []
+    found = sorted(p.parent for p in root.rglob(CONFIG_FILE))
+    if finished_only:
+        found = [p for p in found if (p / SUMMARY_FILE).exists()]
+    return found
+
+
+def runs_table(runs: str | Path | Iterable[str | Path] = "runs") -> pd.DataFrame:
+    """One row per finished run: the config fields, ``best_epoch``, ``wall_time_s``, and the
+    metrics as ``val/<name>`` and ``test/<name>`` columns (a :class:`pandas.DataFrame`)."""
+    import pandas as pd
+
+    paths = list_runs(runs, finished_only=True) if isinstance(runs, (str, Path)) else list(runs)
+    rows = []
+    for p in paths:
+        run = load_run(p)
+        if run.summary is None:
+            continue
+        row: dict[str, Any] = {"run_dir": str(run.path)}
+        for k, v in run.config.items():
+            row[k] = tuple(v) if isinstance(v, list) else v
+        row["best_epoch"] = run.summary.get("best_epoch")
+        row["wall_time_s"] = run.summary.get("wall_time_s")
+        for part in ("val", "test"):
+            for k, v in (run.summary.get(part) or {}).items():
+                row[f"{part}/{k}"] = v
+        rows.append(row)
+    return pd.DataFrame.from_records(rows)
+
+
+def load_model(run_dir: str | Path, which: str = "best", device: str = "cpu") -> EmbeddingNet:
+    """Rebuild the :class:`~dmlnb.model.EmbeddingNet` of a run with the weights of its
+    ``"best"`` (falls back to ``"last"`` when there is no best) or ``"last"`` checkpoint, in
+    eval mode on ``device``. Never downloads weights: the backbone is built with
+    ``pretrained=False`` and the run's weights are loaded over it."""
+    from dmlnb.train import build_model
+
+    run = load_run(run_dir)
+    config = run.train_config()
+    path = checkpoint_path(run.path, which)
+    if which == "best" and not path.exists():
+        path = checkpoint_path(run.path, "last")
+    if not path.exists():
+        raise FileNotFoundError(f"{run.path} has no checkpoint yet ({path.name} missing)")
+    state = load_checkpoint(path)
+    model = build_model(config, in_channels=int(state["in_channels"]), pretrained=False)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval()
