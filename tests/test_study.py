@@ -1,0 +1,110 @@
+"""The study's analysis (settings, paired tests, report) and, end to end, a miniature study."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from scipy import stats
+
+from dmlnb import study
+from dmlnb.data import load_dataset
+from dmlnb.model import EmbeddingNet
+from dmlnb.sweep import expand_grid
+
+
+def _table(diff: float, seeds=(0, 1, 2, 3, 4)) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = []
+    for s in seeds:
+        base = 0.5 + 0.01 * rng.standard_normal()
+        rows.append({"dataset": "glyphs", "loss": "margin", "seed": s, "setting": "baseline", "map@r": base})
+        rows.append({"dataset": "glyphs", "loss": "margin", "seed": s, "setting": "ssr",
+                     "map@r": base + diff + 0.001 * rng.standard_normal()})
+    return pd.DataFrame(rows)
+
+
+def test_paired_comparison_pairs_by_seed():
+    table = _table(0.05)
+    out = study.paired_comparison(table, ["map@r"])
+    row = out.iloc[0]
+    a = table[table.setting == "baseline"].sort_values("seed")["map@r"].to_numpy()
+    b = table[table.setting == "ssr"].sort_values("seed")["map@r"].to_numpy()
+    assert row["n"] == 5 and row["diff"] == pytest.approx((b - a).mean())
+    assert row["t_p"] == pytest.approx(stats.ttest_rel(b, a).pvalue)
+    assert row["wilcoxon_p"] == pytest.approx(0.0625)  # 5 seeds, all positive: the smallest possible
+    # shuffling the seeds of one arm destroys the pairing and changes the test
+    shuffled = table.copy()
+    mask = shuffled.setting == "ssr"
+    shuffled.loc[mask, "seed"] = shuffled.loc[mask, "seed"].to_numpy()[::-1]
+    assert study.paired_comparison(shuffled, ["map@r"]).iloc[0]["t_p"] != pytest.approx(row["t_p"])
+
+
+def test_no_difference_is_reported_as_such():
+    out = study.paired_comparison(_table(0.0), ["map@r"]).iloc[0]
+    assert abs(out["diff"]) < 0.002 and out["t_p"] > 0.05
+
+
+def test_setting_names_and_grid():
+    assert study.setting_name(pd.Series({"ssr": False})) == "baseline"
+    assert study.setting_name(pd.Series({"ssr": True})) == "ssr"
+    assert study.setting_name(pd.Series({"ssr": True, "ssr_levels": 2})) == "ssr, ssr_levels=2"
+    assert study.setting_name(pd.Series({"ssr": True, "ssr_families": '["crop"]'})) == "ssr, ssr_families=crop"
+    points = expand_grid(study.study_grid())
+    headline = [p for p in points if p["dataset"] == "glyphs" and len(p) == 5]
+    assert len(headline) == 2 * 2 * len(study.SEEDS)
+    assert sum(p["dataset"] == "fashion_mnist" for p in points) == 2 * len(study.SEEDS)
+    assert len(points) == len(headline) + len(study.ABLATIONS) * len(study.ABLATION_SEEDS) + 10
+
+
+def test_view_similarities_fall_with_strength_for_an_untrained_model():
+    test = load_dataset("glyphs", "test", max_per_class=4)
+    images = torch.stack([test[i][0] for i in range(64)])
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = EmbeddingNet("smallcnn", in_channels=1)
+    sims = study.view_similarities(model, images)
+    assert sims["metric"].shape == (64, 4) and sims["ssr"].shape == (64, 4)
+    assert np.all(np.abs(sims["metric"]) <= 1 + 1e-5)
+    mean = sims["metric"].mean(axis=0)
+    assert mean[0] > mean[-1]  # stronger views are farther on average, even for random features
+    again = study.view_similarities(model, images)
+    np.testing.assert_array_equal(again["metric"], sims["metric"])  # same views for every model
+
+
+def test_intraclass_measures_on_glyphs():
+    test = load_dataset("glyphs", "test", max_per_class=10)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = EmbeddingNet("smallcnn", in_channels=1).eval()
+    from dmlnb.train import embed
+
+    emb = embed(model, test)
+    out = study.intraclass_measures(model, test, emb["embeddings"], emb["labels"], view_images=50)
+    for key in study.INTRACLASS:
+        assert key in out and np.isfinite(out[key]), key
+    assert 0 <= out["view_pair_order_metric"] <= 1 and -1 <= out["lift_family"] <= 1
+
+
+@pytest.mark.slow
+def test_miniature_study_end_to_end(tmp_path):
+    grid = [{"quiet": True, "epochs": 1, "steps_per_epoch": 2, "dataset_options": {"max_per_class": 12},
+             "dataset": "glyphs", "loss": "margin", "ssr": [False, True], "seed": [0, 1]}]
+    result = study.run_study(tmp_path, jobs=2, grid=grid, progress=False)
+    runs = pd.read_csv(tmp_path / "runs.csv")
+    assert set(runs.setting) == {"baseline", "ssr", "untrained"}
+    assert (runs.status == "ok").all() and runs["map@r"].between(0, 1).all()
+    assert (runs.groupby("setting").size() == 2).all()
+    paired = pd.read_csv(tmp_path / "paired.csv")
+    assert set(paired.metric) >= {"map@r", "view_tau_metric", "lift_family"} and (paired.n == 2).all()
+    md = (tmp_path / "results.md").read_text()
+    assert "| glyphs | margin | untrained | 2 |" in md and "SSR minus baseline" in md
+    assert (tmp_path / "figures" / "study_glyphs.html").exists()
+    budget = json.loads((tmp_path / "budget.json").read_text())
+    assert budget["sweep_points"] == 4 and budget["total_s"] > 0
+    # analysis again without training: same table, nothing re-run
+    again = study.run_study(tmp_path, grid=grid, analyze_only=True, progress=False)
+    assert again["settings"].equals(result["settings"])
