@@ -56,8 +56,9 @@ def test_setting_names_and_grid():
     points = expand_grid(study.study_grid())
     headline = [p for p in points if p["dataset"] == "glyphs" and len(p) == 5]
     assert len(headline) == 2 * 2 * len(study.SEEDS)
-    assert sum(p["dataset"] == "fashion_mnist" for p in points) == 2 * len(study.SEEDS)
-    assert len(points) == len(headline) + len(study.ABLATIONS) * len(study.ABLATION_SEEDS) + 10
+    n_fashion = 2 * len(study.FASHION_SEEDS)
+    assert sum(p["dataset"] == "fashion_mnist" for p in points) == n_fashion
+    assert len(points) == len(headline) + len(study.ABLATIONS) * len(study.ABLATION_SEEDS) + n_fashion
 
 
 def test_view_similarities_fall_with_strength_for_an_untrained_model():
