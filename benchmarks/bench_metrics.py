@@ -1,9 +1,10 @@
 """Benchmark: dmlnb.metrics.evaluate vs pytorch-metric-learning's AccuracyCalculator.
 
 Inputs are synthetic clustered embeddings (Gaussian class centres plus noise, L2-normalised),
-seeded, in two sizes:
+seeded, in three sizes:
 
 - ``cub``: 5,924 x 128, 100 classes (CUB-200 test split size), ks = (1, 2, 4, 8);
+- ``mid``: 20,000 x 512, 4,000 classes of 2-8 items (for iterating), ks = (1, 10, 100, 1000);
 - ``sop``: 60,502 x 512, 11,316 classes of 2-12 items (SOP test split size),
   ks = (1, 10, 100, 1000).
 
@@ -18,10 +19,16 @@ timed separately for each tool:
 - ``cluster``: KMeans (k = number of classes) + NMI. Both sides use faiss.Kmeans with the same
   arguments (niter=20, seed=0, no subsampling), so the assignments can be compared.
 
+The machine may be shared: each (size, phase) pair runs ``--repeat`` times with the tools'
+order alternating between repetitions, every cell records the 1-minute load average when it
+started, and the summary gives the peer-to-dmlnb wall-time ratio of each repetition (> 1: dmlnb
+faster).
+
 Usage::
 
-    .venv/bin/python benchmarks/bench_metrics.py                 # both sizes, both phases
+    .venv/bin/python benchmarks/bench_metrics.py                 # cub and sop, both phases
     .venv/bin/python benchmarks/bench_metrics.py --sizes cub --phases knn
+    .venv/bin/python benchmarks/bench_metrics.py --sizes mid --phases knn --repeat 2
 
 The table is printed in Markdown; record it in benchmarks/bench_metrics.md with the command.
 """
@@ -45,7 +52,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # a checkout, inst
 
 SIZES = {
     "cub": {"n": 5924, "dim": 128, "classes": 100, "ks": (1, 2, 4, 8), "noise": 2.0},
-    "sop": {"n": 60502, "dim": 512, "classes": 11316, "ks": (1, 10, 100, 1000), "noise": 2.0},
+    "mid": {"n": 20000, "dim": 512, "classes": 4000, "ks": (1, 10, 100, 1000), "noise": 2.0,
+            "class_sizes": (2, 8)},
+    "sop": {"n": 60502, "dim": 512, "classes": 11316, "ks": (1, 10, 100, 1000), "noise": 2.0,
+            "class_sizes": (2, 12)},
 }
 SEED = 0
 
@@ -55,13 +65,15 @@ def make_data(size: str, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
     spec = SIZES[size]
     rng = np.random.default_rng(seed)
     n, c = spec["n"], spec["classes"]
-    if size == "sop":  # classes of 2..12 items summing to n
-        counts = np.full(c, 2)
+    if "class_sizes" in spec:  # classes of lo..hi items summing to n (SOP: 2..12), skewed sizes
+        lo, hi = spec["class_sizes"]
+        counts = np.full(c, lo)
+        weight = rng.exponential(size=c)
         extra = n - counts.sum()
         while extra > 0:
-            room = np.flatnonzero(counts < 12)
-            add = rng.choice(room, size=min(extra, len(room)), replace=False)
-            counts[add] += 1
+            room = counts < hi
+            counts[room] += rng.multinomial(extra, weight[room] / weight[room].sum())
+            counts = np.minimum(counts, hi)
             extra = n - counts.sum()
     else:
         counts = np.full(c, n // c)
@@ -146,11 +158,17 @@ def compare(ours: dict, theirs: dict, phase: str, ks) -> float:
     return max(abs(ours[a] - theirs[b]) for a, b in pairs)
 
 
+def _load1() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", default="cub,sop")
+    ap.add_argument("--sizes", default="cub,sop", help="comma-separated among: " + ",".join(SIZES))
     ap.add_argument("--phases", default="knn,cluster")
     ap.add_argument("--tools", default="dmlnb,pml")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="runs per size and phase, the tools' order alternating")
     ap.add_argument("--child", nargs=4, metavar=("TOOL", "PHASE", "SIZE", "DIR"),
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -161,8 +179,10 @@ def main() -> None:
 
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"python {platform.python_version()}")
-    rows = []
+          f"python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}"
+          f", load average at start {_load1():.2f}")
+    tools = args.tools.split(",")
+    rows, ratios = [], []
     with tempfile.TemporaryDirectory() as d:
         for size in args.sizes.split(","):
             x, y = make_data(size)
@@ -170,33 +190,44 @@ def main() -> None:
             np.save(Path(d) / f"{size}_y.npy", y)
             del x, y
             for phase in args.phases.split(","):
-                got = {}
-                for tool in args.tools.split(","):
-                    out = subprocess.run(
-                        [sys.executable, __file__, "--child", tool, phase, size, d],
-                        capture_output=True, text=True, check=False,
-                    )
-                    if out.returncode != 0:
-                        print(out.stderr[-3000:], file=sys.stderr)
-                        raise SystemExit(f"{tool} {phase} {size} failed")
-                    got[tool] = json.loads(out.stdout.strip().splitlines()[-1])
-                    r = got[tool]
-                    print(f"  {size:4s} {phase:7s} {tool:5s} {r['wall_s']:8.1f} s  "
-                          f"peak {r['peak_rss_mib']:7.0f} MiB  (+{r['above_inputs_mib']:.0f})  "
-                          f"{json.dumps({k: round(v, 4) for k, v in r['values'].items()})}",
-                          file=sys.stderr, flush=True)
-                both = {"dmlnb", "pml"} <= set(got)
-                diff = (compare(got["dmlnb"]["values"], got["pml"]["values"], phase,
-                                SIZES[size]["ks"]) if both else float("nan"))
-                for tool, r in got.items():
-                    rows.append((size, phase, tool, r, diff))
-    print("\n| input | phase | tool | wall s | peak RSS MiB | above inputs MiB | values "
-          "| max abs diff |")
-    print("|---|---|---|---|---|---|---|---|")
-    for size, phase, tool, r, diff in rows:
+                for rep in range(args.repeat):
+                    got = {}
+                    for tool in tools if rep % 2 == 0 else tools[::-1]:
+                        load = _load1()
+                        out = subprocess.run(
+                            [sys.executable, __file__, "--child", tool, phase, size, d],
+                            capture_output=True, text=True, check=False,
+                        )
+                        if out.returncode != 0:
+                            print(out.stderr[-3000:], file=sys.stderr)
+                            raise SystemExit(f"{tool} {phase} {size} failed")
+                        got[tool] = r = json.loads(out.stdout.strip().splitlines()[-1])
+                        r["load"] = load
+                        print(f"  {size:4s} {phase:7s} {tool:5s} {r['wall_s']:8.1f} s  "
+                              f"peak {r['peak_rss_mib']:7.0f} MiB  (+{r['above_inputs_mib']:.0f})"
+                              f"  load {load:.2f}  "
+                              f"{json.dumps({k: round(v, 4) for k, v in r['values'].items()})}",
+                              file=sys.stderr, flush=True)
+                    both = {"dmlnb", "pml"} <= set(got)
+                    diff = (compare(got["dmlnb"]["values"], got["pml"]["values"], phase,
+                                    SIZES[size]["ks"]) if both else float("nan"))
+                    for tool, r in got.items():
+                        rows.append((size, phase, rep, tool, r, diff))
+                    if both:
+                        ratios.append((size, phase, rep, " then ".join(got),
+                                       got["pml"]["wall_s"] / got["dmlnb"]["wall_s"]))
+    print("\n| input | phase | run | tool | load | wall s | peak RSS MiB | above inputs MiB "
+          "| values | max abs diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for size, phase, rep, tool, r, diff in rows:
         vals = ", ".join(f"{k} {v:.4f}" for k, v in r["values"].items() if k != "lone_queries")
-        print(f"| {size} | {phase} | {tool} | {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} | "
-              f"{r['above_inputs_mib']:.0f} | {vals} | {diff:.2e} |")
+        print(f"| {size} | {phase} | {rep + 1} | {tool} | {r['load']:.2f} | {r['wall_s']:.1f} | "
+              f"{r['peak_rss_mib']:.0f} | {r['above_inputs_mib']:.0f} | {vals} | {diff:.2e} |")
+    if ratios:
+        print("\n| input | phase | run | order | pml wall / dmlnb wall |")
+        print("|---|---|---|---|---|")
+        for size, phase, rep, order, ratio in ratios:
+            print(f"| {size} | {phase} | {rep + 1} | {order} | {ratio:.2f} |")
 
 
 if __name__ == "__main__":

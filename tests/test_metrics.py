@@ -424,3 +424,67 @@ def test_cuda_path_equals_cpu():
     assert_same(gpu, cpu, tol=1e-6)
     assert evaluate(xc, yc, include=["nmi"], kmeans_backend="sklearn") == evaluate(
         x, y, include=["nmi"], kmeans_backend="sklearn")
+
+
+# ----------------------------------------------------------------------------- fast paths
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("ranking", [True, False])
+def test_recall_counted_beyond_candidates_equals_brute_force(monkeypatch, case, ranking):
+    # RECALL_CANDIDATES = 1: the first relevant position of most queries comes from the exact
+    # count over their similarity row rather than from the top-k list
+    import dmlnb.metrics.retrieval as ret
+
+    monkeypatch.setattr(ret, "RECALL_CANDIDATES", 1)
+    x, y = CASES[case]()
+    normalize = case != "ties_duplicates"
+    ks = (1, 2, 3, 5, 16, 1000)
+    include = ["recall", "r_precision", "map@r"] if ranking else ["recall"]
+    got = evaluate(x, y, ks=ks, include=include, normalize=normalize, chunk_size=13)
+    per, lone = ref_metrics(x, y, ks=ks, normalize=normalize)
+    want = ref_summary(per, lone)
+    if not ranking:
+        want = {key: v for key, v in want.items() if key.startswith("recall") or key == "lone_queries"}
+    assert_same(got, want)
+
+
+def test_first_relevant_position_equals_loop_query_gallery():
+    from dmlnb.metrics.retrieval import ClassMembers
+
+    x, y = tied_integers(40, 3, 4, seed=18)
+    g, gy = tied_integers(70, 3, 5, seed=19)
+    y = y.copy()
+    y[:2] = 7  # not in the gallery
+    s = ref_similarity(x, g, normalize=False)
+    sims = torch.from_numpy(s.astype(np.float32))
+    got = ClassMembers(torch.from_numpy(gy), torch.from_numpy(y)).first_relevant_position(
+        sims, torch.arange(len(x)))
+    for i in range(len(x)):
+        rel = [gy[j] == y[i] for j in ref_order(s[i])]
+        want = rel.index(True) if any(rel) else torch.iinfo(torch.int64).max
+        assert int(got[i]) == want
+
+
+@pytest.mark.parametrize(("n", "k"), [(50, 49), (50, 1), (3, 2)])
+def test_topk_stable_boundary_cases(n, k):
+    # k = n - 1: the (k+1)-th candidate is the last item; ties at the boundary on every row
+    s = torch.zeros(6, n)
+    s[1] = torch.arange(n).float() % 2
+    s[2, -1] = 1.0
+    s[3] = -torch.arange(n).float()
+    s[4, ::3] = float("-inf")  # as a query's own column in leave-one-out search
+    s[5] = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    vals, idx = topk_stable(s, k)
+    ref = torch.sort(s, dim=1, descending=True, stable=True)
+    assert torch.equal(idx, ref.indices[:, :k])
+    assert torch.equal(vals, ref.values[:, :k])
+
+
+def test_knn_blocks_do_not_alias_results():
+    # the similarity buffer is reused from block to block; results must not change with it
+    x, _ = gaussian_classes(6, 10, 5, seed=20)
+    a_s, a_i = knn(x, None, 7, chunk_size=4)
+    b_s, b_i = knn(x, None, 7, chunk_size=len(x))
+    assert torch.equal(a_i, b_i)
+    np.testing.assert_allclose(a_s.numpy(), b_s.numpy(), rtol=0, atol=1e-6)

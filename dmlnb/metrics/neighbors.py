@@ -16,13 +16,25 @@ by dropping the first neighbour, which would be wrong for duplicates.
 
 Note that equality is equality of the computed float values: two mathematically equal
 similarities that the matrix product rounds differently are not a tie.
+
+Speed
+-----
+Per block, the only passes over the ``chunk x n_reference`` similarities are the matrix product
+and one ``torch.topk`` asking for ``k + 1`` candidates: a tie straddles the k-th boundary iff the
+(k+1)-th largest value equals the k-th, so only such rows (rare outside adversarial inputs) are
+re-selected exactly. On the CPU the product is numpy's ``matmul`` (its BLAS, OpenBLAS in the
+numpy wheels, was about twice as fast as torch's MKL on the AMD CPU used for the benchmark), run
+with as many BLAS threads as ``torch.get_num_threads()`` for large products, and the block buffer
+is reused from block to block.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from dmlnb._validate import check_positive_int
@@ -42,29 +54,53 @@ def topk_stable(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     """The ``k`` largest entries of each row, ordered by value (descending) then index (ascending).
 
     Equivalent to ``torch.sort(sims, descending=True, stable=True)[..., :k]`` without sorting
-    whole rows: ``torch.topk`` picks candidates, and only rows where the k-th value is tied with
-    items outside the candidates are re-selected (lowest indices among the tied values win).
+    whole rows: ``torch.topk`` picks ``k + 1`` candidates; the k-th boundary splits a run of equal
+    values iff the (k+1)-th largest value equals the k-th, and only those rows are re-selected
+    (the lowest indices among the tied values win). One pass over ``sims`` unless a row has such
+    a tie.
     """
-    vals, idx = torch.topk(sims, k, dim=1, largest=True, sorted=False)
-    kth = vals.min(dim=1, keepdim=True).values
-    # every item above the k-th value is kept, so an item tied with it was left out iff more
-    # than k items are >= it (one pass over the row)
-    bad = ((sims >= kth).sum(dim=1, dtype=torch.int32) > k).nonzero().flatten()
-    if bad.numel() > 0:
-        s = sims[bad]
-        kb = kth[bad]
-        greater = s > kb
-        tied = s == kb
-        need = k - greater.sum(dim=1, keepdim=True)
-        chosen = greater | (tied & (tied.cumsum(dim=1) <= need))
-        cols = chosen.nonzero()[:, 1].reshape(len(bad), k)  # row-major: ascending index
-        idx[bad] = cols
-        vals[bad] = s.gather(1, cols)
+    n = sims.shape[1]
+    kk = min(k + 1, n)
+    vals, idx = torch.topk(sims, kk, dim=1, largest=True, sorted=True)
+    if kk > k:
+        bad = (vals[:, k - 1] == vals[:, k]).nonzero().flatten()
+        vals, idx = vals[:, :k].contiguous(), idx[:, :k].contiguous()
+        if bad.numel() > 0:
+            s = sims[bad]
+            kb = vals[bad, k - 1 :]
+            greater = s > kb
+            tied = s == kb
+            need = k - greater.sum(dim=1, keepdim=True)
+            chosen = greater | (tied & (tied.cumsum(dim=1) <= need))
+            cols = chosen.nonzero()[:, 1].reshape(len(bad), k)  # row-major: ascending index
+            idx[bad] = cols
+            vals[bad] = s.gather(1, cols)
     # final order: index ascending, then a stable sort by value descending
     by_index = torch.argsort(idx, dim=1)
     idx, vals = idx.gather(1, by_index), vals.gather(1, by_index)
     by_value = torch.sort(vals, dim=1, descending=True, stable=True).indices
     return vals.gather(1, by_value), idx.gather(1, by_value)
+
+
+# products smaller than this (multiply-adds) run without adjusting the BLAS thread count: the
+# adjustment costs ~2 ms, and small products run on one thread anyway. DECISION (measured here).
+_BLAS_LIMIT_MIN_WORK = 2**27
+
+
+def blas_threads_like_torch(work: float) -> contextlib.AbstractContextManager:
+    """Context that runs numpy's BLAS with ``torch.get_num_threads()`` threads (restored after).
+
+    Used around the CPU matrix products of a k-NN search, so that ``torch.set_num_threads``
+    keeps governing the whole search. A no-op for small products (``work`` = multiply-adds below
+    ``_BLAS_LIMIT_MIN_WORK``) or without threadpoolctl (a scikit-learn dependency).
+    """
+    if work < _BLAS_LIMIT_MIN_WORK:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - scikit-learn brings it
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=torch.get_num_threads(), user_api="blas")
 
 
 def _prepare(
@@ -99,14 +135,28 @@ def iter_similarity_blocks(
 
     ``query`` and ``reference`` must be 2-D tensors on one device with one dtype (no checks:
     use :func:`knn` for user input). With ``exclude_self``, ``sims[i, start + i] = -inf``.
+    On the CPU, ``sims`` is a view of one buffer that the next block overwrites: copy what must
+    outlive the iteration step.
     """
     n_q, n_r = query.shape[0], reference.shape[0]
     if chunk_size is None:
         chunk_size = auto_chunk_size(n_r, query.element_size())
-    ref_t = reference.t()
+    chunk_size = min(chunk_size, n_q)
+    on_cpu = query.device.type == "cpu"
+    if on_cpu:
+        ref_np = reference.numpy()
+        buf = np.empty((chunk_size, n_r), dtype=ref_np.dtype)
+        q_np = query.numpy()
+    else:
+        ref_t = reference.t()
     for start in range(0, n_q, chunk_size):
         stop = min(n_q, start + chunk_size)
-        sims = query[start:stop] @ ref_t
+        if on_cpu:
+            out = buf[: stop - start]
+            np.matmul(q_np[start:stop], ref_np.T, out=out)
+            sims = torch.from_numpy(out)
+        else:
+            sims = query[start:stop] @ ref_t
         if exclude_self:
             rows = torch.arange(stop - start, device=sims.device)
             sims[rows, rows + start] = float("-inf")
@@ -183,7 +233,8 @@ def knn(
         check_positive_int("chunk_size", chunk_size)
     sims = torch.empty(q.shape[0], k, dtype=q.dtype, device=q.device)
     idx = torch.empty(q.shape[0], k, dtype=torch.int64, device=q.device)
-    for start, v, i in iter_knn(q, r, k, exclude_self=exclude_self, chunk_size=chunk_size):
-        sims[start : start + len(v)] = v
-        idx[start : start + len(v)] = i
+    with blas_threads_like_torch(q.shape[0] * r.shape[0] * q.shape[1]):
+        for start, v, i in iter_knn(q, r, k, exclude_self=exclude_self, chunk_size=chunk_size):
+            sims[start : start + len(v)] = v
+            idx[start : start + len(v)] = i
     return sims, idx

@@ -12,10 +12,15 @@ has label y_q, and R_q = number of reference items with label y_q (minus 1 in le
 - MAP@R = (1/R_q) sum_{i<=R_q} P(i) rel(i), with P(i) = (1/i) sum_{j<=i} rel(j). The
   denominator is always R_q. The neighbour list always reaches max_q R_q, so MAP@R is exact for
   every class size.
-- Computation: one pass over blocks of the similarity matrix. Recall@K uses the exact position
-  of the first relevant neighbour in the tie-broken order (so K = 1000 costs no top-1000
-  sort); R-Precision and MAP@R use the top max_q R_q neighbours
-  (:func:`dmlnb.metrics.neighbors.topk_stable`).
+- Computation: one pass over blocks of the similarity matrix. Each block keeps its top
+  k_top = max(max_q R_q, min(max K, ``RECALL_CANDIDATES``)) neighbours in the tie-broken order
+  (:func:`dmlnb.metrics.neighbors.topk_stable`); relevance is computed on these ``[block, k_top]``
+  neighbour labels only. R-Precision and MAP@R read the first R_q of them. Recall@K needs the
+  exact position of the first relevant neighbour: read from the list when it is there, otherwise
+  (only for queries whose list holds no relevant item, when some K exceeds k_top) counted
+  exactly: the relevant item j* of largest similarity s* (lowest index among equals, found among
+  the query's class members) is preceded by every item with s > s* and every item with s = s*
+  and a lower index. So K = 1000 costs no top-1000 selection.
 - Lone queries (R_q = 0: no other item of their label in the reference set) get NaN for
   R-Precision and MAP@R (they are excluded from those means and counted), and 0 for Recall@K
   (they are kept in the Recall@K mean, which is a mean over all queries).
@@ -36,7 +41,17 @@ import torch
 
 from dmlnb._validate import check_positive_int
 from dmlnb.metrics._inputs import as_embeddings, as_labels, l2_normalize
-from dmlnb.metrics.neighbors import iter_similarity_blocks, topk_stable
+from dmlnb.metrics.neighbors import (
+    blas_threads_like_torch,
+    iter_similarity_blocks,
+    topk_stable,
+)
+
+# Neighbours kept per query for Recall@K beyond those that R-Precision/MAP@R need: queries with
+# a relevant item among them get Recall@K from the list, the others by an exact count over their
+# similarity row. DECISION: small, as torch.topk's cost grows with k; 32 covers the first hit of
+# almost every query at SOP's Recall@32 (> 0.99 in published results).
+RECALL_CANDIDATES = 32
 
 
 def relevant_counts(
@@ -62,6 +77,55 @@ def check_ks(ks: Sequence[int]) -> tuple[int, ...]:
     for k in ks:
         check_positive_int("K in ks", int(k) if isinstance(k, np.integer) else k)
     return tuple(int(k) for k in ks)
+
+
+class ClassMembers:
+    """Reference items of each query's class, for exact first-hit positions.
+
+    Parameters
+    ----------
+    reference_labels : int64 tensor [n_reference].
+    query_labels : int64 tensor [n_query] on the same device.
+    """
+
+    def __init__(self, reference_labels: torch.Tensor, query_labels: torch.Tensor) -> None:
+        self.n_reference = reference_labels.shape[0]
+        self.order = torch.argsort(reference_labels, stable=True)  # ascending index within class
+        classes, counts = torch.unique_consecutive(reference_labels[self.order], return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        at = torch.searchsorted(classes, query_labels).clamp(max=len(classes) - 1)
+        found = classes[at] == query_labels
+        self.start = torch.where(found, starts[at], 0)
+        self.count = torch.where(found, counts[at], 0)
+
+    def first_relevant_position(self, sims: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Position of the first relevant item in each row's stable order (``no_hit`` if none).
+
+        ``sims`` [m, n_reference] are the similarity rows of the queries ``queries`` [m] (query
+        itself already at -inf in leave-one-out form). With s* the largest similarity to an item
+        of the query's class and j* the lowest such index, the position is
+        #{j: s_j > s*} + #{j < j*: s_j = s*}.
+        """
+        dev = sims.device
+        cnt = self.count[queries]
+        width = int(cnt.max()) if cnt.numel() else 0
+        no_hit = torch.iinfo(torch.int64).max
+        if width == 0:
+            return torch.full((len(queries),), no_hit, dtype=torch.int64, device=dev)
+        offs = torch.arange(width, device=dev)
+        valid = offs[None, :] < cnt[:, None]
+        at = (self.start[queries, None] + offs[None, :]).clamp(max=self.n_reference - 1)
+        mem = self.order[at]  # [m, width], ascending index along each row
+        v = sims.gather(1, mem).masked_fill_(~valid, float("-inf"))
+        best = v.max(dim=1, keepdim=True).values
+        j_star = torch.where(v == best, mem, self.n_reference).min(dim=1, keepdim=True).values
+        pos = (sims > best).sum(dim=1)
+        eq = sims == best
+        ties = (eq.sum(dim=1) > 1).nonzero().flatten()  # j* itself is one of them
+        if ties.numel() > 0:
+            cols = torch.arange(self.n_reference, device=dev)
+            pos[ties] += (eq[ties] & (cols[None, :] < j_star[ties])).sum(dim=1)
+        return torch.where(best[:, 0] > float("-inf"), pos, no_hit)
 
 
 def retrieval_scores(
@@ -121,37 +185,37 @@ def retrieval_scores(
     r_max = int(rq.max()) if ranking else 0
     n, n_r = q.shape[0], r.shape[0]
     dev = q.device
+    k_recall = min(max(ks), available)  # first-hit positions >= k_recall are misses for every K
+    k_top = min(available, max(r_max, min(k_recall, RECALL_CANDIDATES)))
+    members = ClassMembers(yr, yq) if k_recall > k_top else None
+    no_hit = torch.iinfo(torch.int64).max  # first-hit position of a query no K reaches
     first_hit = torch.empty(n, dtype=torch.int64, device=dev)
     rp = torch.full((n,), float("nan"), dtype=torch.float64, device=dev)
     ap = torch.full((n,), float("nan"), dtype=torch.float64, device=dev)
+    positions = torch.arange(k_top, device=dev)
     ranks = torch.arange(1, r_max + 1, device=dev, dtype=torch.float64)
-    cols = torch.arange(n_r, device=dev)
-    for start, sims in iter_similarity_blocks(
-        q, r, exclude_self=leave_one_out, chunk_size=chunk_size
-    ):
-        stop = start + sims.shape[0]
-        yb = yq[start:stop]
-        # Recall@K needs only the position of the first relevant neighbour in the stable order:
-        # the relevant item j* of largest similarity s* (lowest index among equals) is preceded
-        # by every item with s > s* and every item with s = s* and a lower index.
-        same = yr[None, :] == yb[:, None]
-        if leave_one_out:
-            rows = torch.arange(stop - start, device=dev)
-            same[rows, rows + start] = False
-        best = torch.where(same, sims, float("-inf")).max(dim=1, keepdim=True).values
-        at_best = sims == best
-        j_star = torch.where(same & at_best, cols, n_r).min(dim=1, keepdim=True).values
-        pos = (sims > best).sum(dim=1) + (at_best & (cols < j_star)).sum(dim=1)
-        no_hit = torch.iinfo(torch.int64).max  # lone query: no K reaches it
-        first_hit[start:stop] = torch.where(best[:, 0] > float("-inf"), pos, no_hit)
-        if r_max > 0:
-            _, idx = topk_stable(sims, r_max)
-            rel = (yr[idx] == yb[:, None]).double()  # [block, r_max]
-            rb = rq[start:stop].to(torch.float64)
-            within = ranks[None, :] <= rb[:, None]
-            prec = rel.cumsum(dim=1) / ranks[None, :]
-            rp[start:stop] = (rel * within).sum(dim=1) / rb  # 0/0 -> NaN for lone queries
-            ap[start:stop] = (prec * rel * within).sum(dim=1) / rb
+    with blas_threads_like_torch(n * n_r * q.shape[1]):
+        for start, sims in iter_similarity_blocks(
+            q, r, exclude_self=leave_one_out, chunk_size=chunk_size
+        ):
+            stop = start + sims.shape[0]
+            _, idx = topk_stable(sims, k_top)
+            rel = yr[idx] == yq[start:stop, None]  # [block, k_top]
+            pos = torch.where(rel, positions, k_top).min(dim=1).values
+            hit = pos < k_top
+            fh = torch.where(hit, pos, no_hit)
+            if members is not None:
+                todo = (~hit & (rq[start:stop] > 0)).nonzero().flatten()
+                if todo.numel() > 0:
+                    fh[todo] = members.first_relevant_position(sims[todo], todo + start)
+            first_hit[start:stop] = fh
+            if r_max > 0:
+                relr = rel[:, :r_max].to(torch.float64)
+                rb = rq[start:stop].to(torch.float64)
+                within = ranks[None, :] <= rb[:, None]
+                prec = relr.cumsum(dim=1) / ranks[None, :]
+                rp[start:stop] = (relr * within).sum(dim=1) / rb  # 0/0 -> NaN for lone queries
+                ap[start:stop] = (prec * relr * within).sum(dim=1) / rb
     res = {f"recall@{kk}": (first_hit < kk).double().cpu().numpy() for kk in ks}
     if ranking:
         res["r_precision"] = rp.cpu().numpy()
