@@ -51,7 +51,6 @@ FASHION_SEEDS = (0, 1, 2)
 #: ablations of the SSR settings on the margin loss (each differs from the defaults in one field)
 ABLATIONS: tuple[dict[str, Any], ...] = (
     {"ssr_weight": 2.0},
-    {"ssr_prob": 0.4},
     {"ssr_levels": 2},
     {"ssr_nested": False},
     {"ssr_families": ["crop"]},
@@ -87,15 +86,15 @@ def study_grid(quick: bool = False, fashion: bool = True) -> list[dict[str, Any]
     grid: list[dict[str, Any]] = [
         {**base, "dataset": "glyphs", "loss": list(HEADLINE_LOSSES), "ssr": [False, True], "seed": seeds}
     ]
-    for ab in ablations:
-        grid.append({**base, "dataset": "glyphs", "loss": "margin", "ssr": True, "seed": ab_seeds,
-                     **{k: [v] if isinstance(v, list) else v for k, v in ab.items()}})
     if fashion:
         fashion_budget = dict(budget)
         if quick:
             fashion_budget["dataset_options"] = {"max_per_class": 60}
         grid.append({**base, **fashion_budget, **FASHION, "loss": "multisimilarity",
                      "ssr": [False, True], "seed": seeds if quick else list(FASHION_SEEDS)})
+    for ab in ablations:
+        grid.append({**base, "dataset": "glyphs", "loss": "margin", "ssr": True, "seed": ab_seeds,
+                     **{k: [v] if isinstance(v, list) else v for k, v in ab.items()}})
     return grid
 
 
