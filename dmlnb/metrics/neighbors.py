@@ -57,14 +57,15 @@ def topk_stable(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     whole rows: ``torch.topk`` picks ``k + 1`` candidates; the k-th boundary splits a run of equal
     values iff the (k+1)-th largest value equals the k-th, and only those rows are re-selected
     (the lowest indices among the tied values win). One pass over ``sims`` unless a row has such
-    a tie.
+    a tie; within the k kept, only rows holding equal values are re-ordered by index.
     """
     n = sims.shape[1]
     kk = min(k + 1, n)
     vals, idx = torch.topk(sims, kk, dim=1, largest=True, sorted=True)
+    fix = torch.zeros(sims.shape[0], dtype=torch.bool, device=sims.device)
     if kk > k:
         bad = (vals[:, k - 1] == vals[:, k]).nonzero().flatten()
-        vals, idx = vals[:, :k].contiguous(), idx[:, :k].contiguous()
+        vals, idx = vals[:, :k], idx[:, :k]
         if bad.numel() > 0:
             s = sims[bad]
             kb = vals[bad, k - 1 :]
@@ -75,11 +76,20 @@ def topk_stable(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
             cols = chosen.nonzero()[:, 1].reshape(len(bad), k)  # row-major: ascending index
             idx[bad] = cols
             vals[bad] = s.gather(1, cols)
-    # final order: index ascending, then a stable sort by value descending
-    by_index = torch.argsort(idx, dim=1)
-    idx, vals = idx.gather(1, by_index), vals.gather(1, by_index)
-    by_value = torch.sort(vals, dim=1, descending=True, stable=True).indices
-    return vals.gather(1, by_value), idx.gather(1, by_value)
+            fix[bad] = True  # in index order now
+    # topk's rows are in value order; the index order is undefined only within runs of equal
+    # values, so only rows with such a run (or re-selected) are re-ordered: index ascending,
+    # then a stable sort by value descending
+    if k > 1:
+        fix |= (vals[:, 1:] == vals[:, :-1]).any(dim=1)
+    rows = fix.nonzero().flatten()
+    if rows.numel() > 0:
+        v, i = vals[rows], idx[rows]
+        by_index = torch.argsort(i, dim=1)
+        i, v = i.gather(1, by_index), v.gather(1, by_index)
+        by_value = torch.sort(v, dim=1, descending=True, stable=True).indices
+        vals[rows], idx[rows] = v.gather(1, by_value), i.gather(1, by_value)
+    return vals, idx
 
 
 # products smaller than this (multiply-adds) run without adjusting the BLAS thread count: the

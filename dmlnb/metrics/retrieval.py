@@ -99,7 +99,7 @@ class ClassMembers:
         self.count = torch.where(found, counts[at], 0)
 
     def first_relevant_position(self, sims: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
-        """Position of the first relevant item in each row's stable order (``no_hit`` if none).
+        """Position of the first relevant item in each row's stable order (int64 max if none).
 
         ``sims`` [m, n_reference] are the similarity rows of the queries ``queries`` [m] (query
         itself already at -inf in leave-one-out form). With s* the largest similarity to an item
