@@ -1,0 +1,389 @@
+"""Helpers the notebooks call: parameter validation, and saving figures for the README.
+
+A dmlnb notebook's first code cell is tagged ``parameters`` (papermill injects ``-p`` overrides
+right after it); its second cell calls :func:`parameters` (or :func:`train_parameters` in the
+training notebook) with ``globals()``. Every variable defined at that point is a parameter, so a
+misspelt or unknown ``-p name value`` and an invalid value both stop that cell with one
+:class:`ValueError` naming the parameter and the valid choices or range.
+
+Each notebook's own knobs are declared here, in :data:`KNOBS` (name -> default and check), so the
+rules are tested once and the notebooks stay thin.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dmlnb._validate import check_choice, check_keys, check_positive_int, check_range
+
+__all__ = ["KNOBS", "Knob", "notebook_dir", "parameters", "save_figure", "train_parameters"]
+
+# names IPython / Jupyter put into a kernel's globals that are not parameters
+_KERNEL_NAMES = frozenset({"In", "Out", "get_ipython", "exit", "quit", "open"})
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A notebook parameter: its default, a one-line help, and a check ``(name, value) -> None``."""
+
+    default: Any
+    help: str
+    check: Callable[[str, Any], Any] | None = None
+
+
+def _choice(*choices: Any) -> Callable[[str, Any], Any]:
+    return lambda name, value: check_choice(name, value, choices)
+
+
+def _int(minimum: int = 1) -> Callable[[str, Any], Any]:
+    return lambda name, value: check_positive_int(name, value, minimum)
+
+
+def _number(low: float | None = None, high: float | None = None) -> Callable[[str, Any], Any]:
+    return lambda name, value: check_range(name, value, low, high)
+
+
+def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    return lambda name, value: None if value is None else check(name, value)
+
+
+def _path(name: str, value: Any) -> None:
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path string, got {type(value).__name__} ({value!r})")
+
+
+def _bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def _families(name: str, value: Any) -> None:
+    from dmlnb.transforms import FAMILIES
+
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple)) or not values:
+        raise TypeError(f"{name} must be a family name or a list of them; choose from {FAMILIES}")
+    for v in values:
+        check_choice(name, v, FAMILIES)
+
+
+def _projection(name: str, value: Any) -> None:
+    from dmlnb.viz import PROJECTIONS
+
+    check_choice(name, value, PROJECTIONS)
+
+
+_FIGURES = Knob(None, "folder to save the figures in (HTML + plotly JSON); None: do not save",
+                _optional(_path))
+
+#: Each notebook's own parameters (the training notebook adds these to the config fields).
+KNOBS: dict[str, dict[str, Knob]] = {
+    "views": {
+        "dataset": Knob("glyphs", "dataset to take images from"),
+        "split": Knob("test", "split to take images from", _choice("train", "val", "trainval", "test")),
+        "n_images": Knob(3, "images shown in the gallery", _int()),
+        "levels": Knob(4, "levels N of the gallery (PAPER: N = 4)", _int()),
+        "sigma": Knob(0.2, "schedule t_n = tanh(sigma n) (REPRO: 0.2)", _number(0.0)),
+        "families": Knob(("crop", "perspective", "color"), "families in the gallery", _families),
+        "run_dir": Knob(None, "a finished run whose model the explorer reads out", _optional(_path)),
+        "quick_train_steps": Knob(0, "no run_dir: train a tiny model this many steps (0: no model)",
+                                  _int(0)),
+        "seed": Knob(0, "seed of the image picks and view directions", _int(0)),
+        "figures_dir": _FIGURES,
+    },
+    "train": {
+        "gallery_queries": Knob(6, "queries in the retrieval gallery", _int()),
+        "gallery_k": Knob(5, "neighbours shown per query", _int()),
+        "figures_dir": _FIGURES,
+    },
+    "ablations": {
+        "train_notebook": Knob("02_train.ipynb", "the notebook each grid point executes", _path),
+        "sweep_dir": Knob("sweeps/ablations", "sweep directory (completed points are skipped)", _path),
+        "grid": Knob(None, "grid (dict or list of dicts) or YAML path; None: the small default grid"),
+        "seeds": Knob(2, "seeds per setting in the default grid", _int()),
+        "steps": Knob(30, "training steps per point in the default grid", _int()),
+        "jobs": Knob(2, "points run at the same time", _int()),
+        "metrics": Knob(("map@r", "recall@1", "r_precision"), "test metrics in the table"),
+        "figures_dir": _FIGURES,
+    },
+    "intraclass": {
+        "baseline_run": Knob(None, "finished baseline run (None: train one, briefly)", _optional(_path)),
+        "ssr_run": Knob(None, "finished SSR run (None: train one, briefly)", _optional(_path)),
+        "train_steps": Knob(120, "steps of the brief runs trained when a run is not given", _int()),
+        "runs_root": Knob("runs", "where the brief runs are written", _path),
+        "projection": Knob("umap", "2-d map of the embeddings: 'umap' or 'pca' (fast)", _projection),
+        "max_points": Knob(1500, "test images drawn in the maps (a random subset)", _int(10)),
+        "focus_class": Knob("a", "class whose items are coloured by typeface attribute"),
+        "attribute": Knob("category", "typeface attribute for the focus class",
+                          _choice("family", "weight", "italic", "category")),
+        "n_trajectories": Knob(4, "images whose views are traced through the map", _int()),
+        "levels": Knob(6, "strengths along each trajectory", _int()),
+        "max_strength": Knob(0.8, "largest strength traced (at 1 a crop keeps nothing)",
+                             _number(0.0, 1.0)),
+        "families": Knob(("crop", "perspective", "color"), "families of the traced views", _families),
+        "seed": Knob(0, "seed of subsets, projections and view directions", _int(0)),
+        "figures_dir": _FIGURES,
+    },
+}
+
+
+def _user_names(namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The variables a notebook has defined: no private names, kernel names, modules or functions."""
+    return {
+        k: v for k, v in namespace.items()
+        if not k.startswith("_") and k not in _KERNEL_NAMES
+        and not isinstance(v, (types.ModuleType, types.FunctionType, types.BuiltinFunctionType, type))
+    }
+
+
+def parameters(notebook: str, namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate a notebook's parameters and return them as a dict (missing ones at their default).
+
+    Parameters
+    ----------
+    notebook : {"views", "train", "ablations", "intraclass"}
+        Which notebook's knobs (:data:`KNOBS`).
+    namespace : mapping
+        The notebook's ``globals()`` right after the parameters cell (and papermill's injected one).
+
+    Raises
+    ------
+    ValueError or TypeError
+        An unknown name (listing the valid ones), or an invalid value (naming it and the choices).
+    """
+    check_choice("notebook", notebook, sorted(KNOBS))
+    knobs = KNOBS[notebook]
+    given = _user_names(namespace)
+    check_keys(given, knobs, f"parameters of the {notebook} notebook")
+    out = {name: given.get(name, knob.default) for name, knob in knobs.items()}
+    for name, knob in knobs.items():
+        if knob.check is not None:
+            knob.check(name, out[name])
+    return out
+
+
+def train_parameters(namespace: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The training notebook's parameters: ``(TrainConfig, knobs)``.
+
+    Every :class:`~dmlnb.config.TrainConfig` field may be set (same names as ``dmlnb train`` and
+    sweep grids), plus the notebook's own knobs (:data:`KNOBS` ``["train"]``). Unknown names and
+    invalid values raise one ValueError naming them and the valid choices.
+    """
+    from dmlnb.config import TrainConfig, field_names
+
+    knobs = KNOBS["train"]
+    given = _user_names(namespace)
+    check_keys(given, list(field_names()) + list(knobs), "parameters of the train notebook")
+    extra = {name: given.pop(name, knob.default) for name, knob in knobs.items()}
+    for name, knob in knobs.items():
+        if knob.check is not None:
+            knob.check(name, extra[name])
+    return TrainConfig.from_dict(given), extra
+
+
+def notebook_dir() -> Path:
+    """The folder the notebook runs in (papermill and JupyterLab set the cwd to it)."""
+    return Path.cwd()
+
+
+def save_figure(fig: Any, name: str, figures_dir: str | os.PathLike | None) -> Path | None:
+    """Save ``fig`` as ``<figures_dir>/<name>.html`` (self-contained, hover images) and
+    ``<name>.plotly.json`` (for :mod:`dmlnb.figures` to turn into PNG); nothing when
+    ``figures_dir`` is None. Returns the HTML path."""
+    if figures_dir is None:
+        return None
+    from dmlnb.viz import write_html
+
+    folder = Path(figures_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = write_html(fig, folder / f"{name}.html")
+    (folder / f"{name}.plotly.json").write_text(fig.to_json())
+    index = folder / "index.json"  # what was written, in order, for the figures driver
+    entries = json.loads(index.read_text()) if index.exists() else []
+    if name not in entries:
+        entries.append(name)
+    index.write_text(json.dumps(entries, indent=1))
+    return path
+
+
+# --- glue the notebooks share (kept here so that it is tested) -----------------------------------
+def setup() -> None:
+    """Notebook defaults: plotly figures as the JupyterLab mimetype (no plotly.js copy per figure)."""
+    import plotly.io as pio
+
+    pio.renderers.default = "plotly_mimetype"
+
+
+def pick_images(labels: Any, n: int, seed: int = 0, classes: Any = None) -> list[int]:
+    """``n`` item indices from ``n`` different classes (fewer classes: repeats), seeded.
+
+    ``classes`` restricts the draw to those labels."""
+    import numpy as np
+
+    check_positive_int("n", n)
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    pool = np.unique(labels) if classes is None else np.asarray(list(classes))
+    chosen = rng.choice(pool, size=n, replace=len(pool) < n)
+    return [int(rng.choice(np.flatnonzero(labels == c))) for c in chosen]
+
+
+def family_gallery(
+    images: Any,
+    families: Any,
+    levels: int,
+    sigma: float,
+    seed: int = 0,
+) -> tuple[Any, list[str], list[float]]:
+    """Views for a gallery: for each image, one row per family and one for their composition.
+
+    Returns ``(views [rows, levels + 1, C, H, W], row labels, strengths t_0..t_N)``; column 0 is
+    the original. Directions are nested (one per row) and seeded.
+    """
+    import torch
+
+    from dmlnb.transforms import make_views, strength_schedule
+
+    images = torch.as_tensor(images)
+    families = (families,) if isinstance(families, str) else tuple(families)
+    gen = torch.Generator().manual_seed(int(seed))
+    rows, labels = [], []
+    groups = [(f,) for f in families] + ([families] if len(families) > 1 else [])
+    for b in range(len(images)):
+        for group in groups:
+            v = make_views(images[b:b + 1], levels=levels, families=group, sigma=sigma,
+                           nested=True, generator=gen)[0]
+            rows.append(torch.cat([images[b:b + 1], v]))
+            labels.append(f"#{b + 1} " + " + ".join(group))
+    strengths = [0.0] + [float(t) for t in strength_schedule(levels, sigma)]
+    return torch.stack(rows), labels, strengths
+
+
+def embed_images(model: Any, images: Any, batch_size: int = 512, ssr: bool = False) -> Any:
+    """Metric (and with ``ssr=True`` also SSR) embeddings of a tensor of images, as numpy."""
+    import numpy as np
+    import torch
+
+    images = torch.as_tensor(images)
+    device = next(model.parameters()).device
+    out, out_s = [], []
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(images), batch_size):
+            z, s = model(images[i:i + batch_size].to(device), ssr=True)
+            out.append(z.float().cpu())
+            out_s.append(s.float().cpu())
+    model.train(was)
+    z = torch.cat(out).numpy().astype(np.float32)
+    return (z, torch.cat(out_s).numpy().astype(np.float32)) if ssr else z
+
+
+def dataset_of_run(run_dir: Any, split: str | None = None) -> Any:
+    """The dataset split a run was evaluated on (its test split by default), with its options."""
+    from dmlnb.data import load_dataset
+    from dmlnb.runs import load_run
+
+    cfg = load_run(run_dir).train_config()
+    return load_dataset(cfg.dataset, split or cfg.test_split, root=cfg.data_root,
+                        **dict(cfg.dataset_options))
+
+
+def stack_images(dataset: Any, indices: Any) -> Any:
+    """``[n, C, H, W]`` tensor of the images ``dataset[i][0]`` for ``i`` in ``indices``."""
+    import torch
+
+    return torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in indices])
+
+
+def retrieval_examples(
+    embeddings: Any, labels: Any, n_queries: int, k: int, seed: int = 0
+) -> tuple[list[int], Any, Any]:
+    """Queries from different classes and their top-``k`` neighbours (query excluded by index,
+    cosine similarity; :func:`dmlnb.metrics.knn`).
+
+    Returns ``(queries, neighbours [Q, k] int, correct [Q, k] bool)``.
+    """
+    import numpy as np
+
+    from dmlnb.metrics import knn
+
+    labels = np.asarray(labels)
+    queries = pick_images(labels, n_queries, seed)
+    _, idx = knn(np.asarray(embeddings)[queries], embeddings, k + 1)
+    idx = idx.cpu().numpy()
+    # drop the query itself by index (it is among its own k + 1 nearest), keep k others
+    neighbours = np.stack([row[row != q][:k] for row, q in zip(idx, queries, strict=True)])
+    return queries, neighbours, labels[neighbours] == labels[np.asarray(queries)][:, None]
+
+
+def brief_run(
+    runs_root: str | os.PathLike, ssr: bool, steps: int, seed: int = 0, **overrides: Any
+) -> Path:
+    """Train briefly on glyphs (baseline or SSR, same budget) and return the run directory;
+    a finished run with the same settings under ``runs_root`` is reused."""
+    from dmlnb.runs import load_run
+    from dmlnb.train import fit
+
+    settings = dict(ssr=ssr, seed=seed, epochs=1, steps_per_epoch=steps, quiet=True, **overrides)
+    name = ("ssr" if ssr else "baseline") + f"-steps{steps}-seed{seed}"
+    path = Path(runs_root) / "brief" / name
+    if path.exists():
+        try:
+            run = load_run(path)
+            same = all(run.config.get(k) == (list(v) if isinstance(v, tuple) else v)
+                       for k, v in settings.items())
+            if run.finished and same:
+                return path
+        except FileNotFoundError:
+            pass
+        import shutil
+
+        shutil.rmtree(path)  # ours (named by its settings) and unfinished or stale: start afresh
+    return Path(fit(dict(settings, run_dir=str(path))).run_dir)
+
+
+def explorer_model(
+    run_dir: str | os.PathLike | None, quick_train_steps: int = 0, seed: int = 0,
+    runs_root: str | os.PathLike = "../runs",
+) -> tuple[Any, str]:
+    """The model the views explorer reads out, and a note saying where it comes from.
+
+    ``run_dir`` given: that run's selected checkpoint. Else ``quick_train_steps > 0``: a tiny SSR
+    run on glyphs (:func:`brief_run`, reused when it exists). Else ``(None, note)``: the explorer
+    shows pixels only.
+    """
+    from dmlnb.runs import load_model
+
+    if run_dir is not None:
+        return load_model(run_dir), f"model: the run in {run_dir}"
+    if quick_train_steps > 0:
+        path = brief_run(runs_root, ssr=True, steps=quick_train_steps, seed=seed)
+        return load_model(path), f"model: a quick SSR run of {quick_train_steps} steps ({path})"
+    return None, ("no model: the explorer shows the views and their pixel distance only; set "
+                  "run_dir to a finished run (or quick_train_steps > 0) for the embedding read-out")
+
+
+def default_ablation_grid(seeds: int = 2, steps: int = 30) -> list[dict[str, Any]]:
+    """The 03_ablations notebook's small default grid (minutes on a laptop CPU).
+
+    Settings: baseline; SSR at the paper's defaults; SSR with gamma = 0.4; SSR with independent
+    (non-nested) views; each for ``seeds`` seeds, ``steps`` steps, glyphs with 100 typefaces per
+    character (``max_per_class``) so that the final test evaluation is quick.
+    """
+    check_positive_int("seeds", seeds)
+    check_positive_int("steps", steps)
+    common = {"epochs": 1, "steps_per_epoch": steps, "quiet": True,
+              "dataset_options": {"max_per_class": 100}, "seed": list(range(seeds))}
+    return [
+        {**common, "ssr": False},
+        {**common, "ssr": True},
+        {**common, "ssr": True, "ssr_weight": 0.4},
+        {**common, "ssr": True, "ssr_nested": False},
+    ]

@@ -1,0 +1,465 @@
+"""Run a notebook over a grid of parameters with papermill, and collect the results into one table.
+
+A *grid* maps parameter names to values. A list of values is one axis; a scalar is held fixed; the
+points are the Cartesian product of the axes. A list of such mappings is the union of their products,
+which is how an ablation says "baseline for every seed, and SSR for every seed and gamma"::
+
+    # grid.yaml
+    - {ssr: false, seed: [0, 1, 2]}
+    - {ssr: true, ssr_weight: [0.4, 0.8], seed: [0, 1, 2]}
+
+Each point gets its own directory ``OUT/<point>/`` holding
+
+- ``params.json``       the point's parameters,
+- ``notebook.ipynb``    the executed notebook (kept on failure too: it shows where it stopped),
+- ``run/``              the notebook's run directory (passed as the parameter ``run_dir``),
+- ``status.json``       ``{"status": "ok" | "failed", "error": ..., "seconds": ...}``.
+
+Points run in parallel (``jobs`` worker processes, each driving one Jupyter kernel). A failed point
+is recorded with its error and the others go on. Re-running the same sweep skips the points whose
+``status.json`` says ``ok`` (failed points are run again, in a fresh directory). :func:`collect`
+reads every point back into a :class:`pandas.DataFrame` — one row per point: its parameters, status,
+error and the scalars of its run's ``summary.json`` — and writes it to ``OUT/results.csv``.
+
+Command line: ``dmlnb sweep NOTEBOOK --grid grid.yaml --out DIR --jobs N``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import time
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from dmlnb._validate import check_positive_int
+
+__all__ = [
+    "add_parser",
+    "collect",
+    "expand_grid",
+    "load_grid",
+    "point_name",
+    "run_sweep",
+    "setting_labels",
+    "summarize",
+    "varied_parameters",
+]
+
+PARAMS_FILE = "params.json"
+STATUS_FILE = "status.json"
+NOTEBOOK_FILE = "notebook.ipynb"
+RUN_SUBDIR = "run"
+RESULTS_FILE = "results.csv"
+DEFAULT_KERNEL = "python3"  # the kernel `make` installs into the venv (ipykernel --sys-prefix)
+_META_COLUMNS = ("point", "status", "error", "seconds")
+
+
+# --- grids ---------------------------------------------------------------------------------------
+def load_grid(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a grid from a YAML (or JSON) file and expand it with :func:`expand_grid`."""
+    import yaml
+
+    text = Path(path).read_text()
+    try:
+        grid = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"grid file {str(path)!r} is not valid YAML: {err}") from err
+    return expand_grid(grid)
+
+
+def expand_grid(grid: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Expand a grid into its list of points (dicts of parameter values), without duplicates.
+
+    Parameters
+    ----------
+    grid : mapping or list of mappings
+        ``{name: value | [values]}``: lists are axes of a Cartesian product, scalars are fixed.
+        A list of such mappings gives the union of their products, in order. An empty list as an
+        axis is an error (it would silently give no points).
+
+    Returns
+    -------
+    list of dict
+        One dict per point, keys in the order they were written; a point that appears twice is
+        kept once.
+    """
+    blocks = [grid] if isinstance(grid, Mapping) else grid
+    if not isinstance(blocks, Sequence) or isinstance(blocks, (str, bytes)):
+        raise TypeError(
+            f"grid must be a mapping of parameter names to values, or a list of such mappings; "
+            f"got {type(grid).__name__}"
+        )
+    points: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for i, block in enumerate(blocks):
+        if not isinstance(block, Mapping):
+            raise TypeError(f"grid entry {i} must be a mapping of names to values, got {block!r}")
+        names, axes = [], []
+        for name, value in block.items():
+            if not isinstance(name, str) or not name.isidentifier():
+                raise ValueError(f"grid parameter name {name!r} is not a valid Python identifier")
+            values = list(value) if isinstance(value, (list, tuple)) else [value]
+            if not values:
+                raise ValueError(f"grid parameter {name!r} has an empty list of values")
+            names.append(name)
+            axes.append(values)
+        for combo in itertools.product(*axes):
+            point = dict(zip(names, combo, strict=True))
+            key = _canonical(point)
+            if key not in seen:
+                seen.add(key)
+                points.append(point)
+    if not points:
+        raise ValueError("grid is empty: it defines no point")
+    return points
+
+
+def _canonical(params: Mapping[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def point_name(params: Mapping[str, Any], max_len: int = 80) -> str:
+    """A readable, unique directory name for a point: ``ssr=True,seed=0-1a2b3c4d``.
+
+    The readable part (parameter ``name=value`` pairs, file-name-safe, cut at ``max_len``) is
+    followed by the first 8 hex digits of the SHA-1 of the point's canonical JSON, so two points
+    never share a directory and the same point always gets the same one.
+    """
+    readable = ",".join(f"{k}={v}" for k, v in params.items())
+    readable = re.sub(r"[^A-Za-z0-9=,._+-]+", "_", readable)[:max_len].strip("_") or "point"
+    digest = hashlib.sha1(_canonical(params).encode()).hexdigest()[:8]
+    return f"{readable}-{digest}"
+
+
+# --- running -------------------------------------------------------------------------------------
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+def _is_done(point_dir: Path) -> bool:
+    status = _read_json(point_dir / STATUS_FILE)
+    return isinstance(status, dict) and status.get("status") == "ok"
+
+
+def _run_point(
+    notebook: str,
+    point_dir: str,
+    params: dict[str, Any],
+    kernel_name: str,
+    run_dir_param: str | None,
+    threads: int | None,
+    timeout: float | None,
+) -> dict[str, Any]:
+    """Execute one point (in a worker process); never raises, returns its status record."""
+    import papermill as pm
+
+    if threads is not None:  # the kernel inherits this process's environment
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+            os.environ[var] = str(threads)
+    pdir = Path(point_dir)
+    inject = dict(params)
+    if run_dir_param:
+        inject[run_dir_param] = str((pdir / RUN_SUBDIR).resolve())
+    start = time.perf_counter()
+    status: dict[str, Any] = {"status": "ok", "error": None}
+    try:
+        pm.execute_notebook(
+            notebook,
+            str(pdir / NOTEBOOK_FILE),
+            parameters=inject,
+            kernel_name=kernel_name,
+            progress_bar=False,
+            cwd=str(Path(notebook).resolve().parent),
+            execution_timeout=timeout,
+        )
+    except pm.PapermillExecutionError as err:
+        status = {"status": "failed", "error": f"{err.ename}: {err.evalue}".strip()}
+    except Exception as err:  # a kernel that dies, a bad notebook: recorded, the sweep goes on
+        status = {
+            "status": "failed",
+            "error": f"{type(err).__name__}: {err}",
+            "traceback": traceback.format_exc(limit=5),
+        }
+    status["seconds"] = round(time.perf_counter() - start, 3)
+    _write_json(pdir / STATUS_FILE, status)
+    return status
+
+
+def run_sweep(
+    notebook: str | os.PathLike,
+    grid: Mapping[str, Any] | Sequence[Mapping[str, Any]] | str | os.PathLike,
+    out: str | os.PathLike,
+    jobs: int = 1,
+    *,
+    kernel_name: str = DEFAULT_KERNEL,
+    run_dir_param: str | None = "run_dir",
+    threads_per_job: int | None = None,
+    timeout: float | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Execute ``notebook`` once per grid point with papermill and return :func:`collect` ``(out)``.
+
+    Parameters
+    ----------
+    notebook : path
+        The notebook to execute (its first code cell tagged ``parameters``).
+    grid : mapping, list of mappings, or path to a YAML/JSON file
+        See :func:`expand_grid`.
+    out : path
+        The sweep directory; one sub-directory per point (see the module docstring).
+    jobs : int, default 1
+        Points executed at the same time, each in its own worker process and kernel.
+    kernel_name : str, default "python3"
+        The Jupyter kernel papermill starts.
+    run_dir_param : str or None, default "run_dir"
+        The notebook parameter that receives the point's run directory ``OUT/<point>/run``;
+        ``None`` injects nothing.
+    threads_per_job : int, optional
+        ``OMP_NUM_THREADS`` for each kernel; default ``max(1, os.cpu_count() // jobs)`` so that
+        parallel points do not oversubscribe the cores.
+    timeout : float, optional
+        Per-cell execution timeout in seconds (papermill's ``execution_timeout``).
+    progress : bool, default True
+        Print one line per finished point.
+
+    Returns
+    -------
+    pandas.DataFrame
+        :func:`collect` of ``out`` after the sweep; also written to ``OUT/results.csv``.
+    """
+    notebook = Path(notebook)
+    if not notebook.is_file():
+        raise ValueError(f"notebook={str(notebook)!r} does not exist")
+    jobs = check_positive_int("jobs", jobs)
+    points = load_grid(grid) if isinstance(grid, (str, os.PathLike)) else expand_grid(grid)
+    if run_dir_param and any(run_dir_param in p for p in points):
+        raise ValueError(
+            f"grid sets {run_dir_param!r}, which the sweep sets itself (one run directory per point)"
+        )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if threads_per_job is None:
+        threads_per_job = max(1, (os.cpu_count() or 1) // jobs)
+
+    todo: list[tuple[str, dict[str, Any]]] = []
+    for params in points:
+        name = point_name(params)
+        pdir = out / name
+        if _is_done(pdir):
+            continue
+        if pdir.exists():  # a failed or interrupted earlier attempt: start it afresh
+            shutil.rmtree(pdir)
+        pdir.mkdir(parents=True)
+        _write_json(pdir / PARAMS_FILE, params)
+        todo.append((name, params))
+    if progress:
+        print(f"sweep: {len(points)} points, {len(points) - len(todo)} already done, "
+              f"{len(todo)} to run with {jobs} job(s)", flush=True)
+
+    args = [
+        (str(notebook), str(out / name), params, kernel_name, run_dir_param, threads_per_job, timeout)
+        for name, params in todo
+    ]
+
+    def report(i: int, name: str, status: dict[str, Any]) -> None:
+        if progress:
+            msg = status["status"] + (f" ({status['error']})" if status.get("error") else "")
+            print(f"sweep: [{i}/{len(todo)}] {name}: {msg} in {status['seconds']:.1f} s", flush=True)
+
+    if jobs == 1 or len(todo) <= 1:
+        for i, a in enumerate(args, 1):
+            report(i, Path(a[1]).name, _run_point(*a))
+    else:
+        # spawn: workers start clean (no forked torch/zmq state); each only drives papermill
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+            futures = {pool.submit(_run_point, *a): Path(a[1]).name for a in args}
+            for i, fut in enumerate(as_completed(futures), 1):
+                name = futures[fut]
+                try:
+                    status = fut.result()
+                except Exception as err:  # the worker process itself died
+                    status = {"status": "failed", "error": f"{type(err).__name__}: {err}",
+                              "seconds": math.nan}
+                    _write_json(out / name / STATUS_FILE, status)
+                report(i, name, status)
+    return collect(out)
+
+
+# --- collecting ----------------------------------------------------------------------------------
+def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> ``{"a.b": scalar}``; lists of scalars are kept only if short (as JSON)."""
+    flat: dict[str, Any] = {}
+    for key, value in obj.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, name + "."))
+        elif isinstance(value, (list, tuple)):
+            if len(value) <= 8 and all(isinstance(v, (int, float, str, bool)) for v in value):
+                flat[name] = json.dumps(value)
+        else:
+            flat[name] = value
+    return flat
+
+
+def _find_summary(point_dir: Path) -> Path | None:
+    direct = point_dir / RUN_SUBDIR / "summary.json"
+    if direct.is_file():
+        return direct
+    found = sorted(point_dir.rglob("summary.json"))
+    return found[0] if found else None
+
+
+SUMMARY_SKIP = ("config", "run_dir", "versions")  # summary.json parts that are not results
+
+
+def collect(out: str | os.PathLike, write: bool = True) -> pd.DataFrame:
+    """Gather every point of the sweep in ``out`` into one table.
+
+    Columns: ``point``, ``status`` (``ok``, ``failed`` or ``pending``), ``error``, ``seconds``,
+    then the point's parameters, then the scalars of its run's ``summary.json`` (nested keys
+    joined with ``.``; a metric that collides with a parameter name gets the prefix ``summary.``;
+    the keys in :data:`SUMMARY_SKIP` are left out: the point's parameters already say them).
+    Rows are sorted by point name. With ``write=True`` the table is also written to
+    ``OUT/results.csv``.
+    """
+    out = Path(out)
+    if not out.is_dir():
+        raise ValueError(f"out={str(out)!r} is not a sweep directory")
+    rows: list[dict[str, Any]] = []
+    param_cols: list[str] = []
+    metric_cols: list[str] = []
+    for pdir in sorted(p for p in out.iterdir() if (p / PARAMS_FILE).is_file()):
+        params = _read_json(pdir / PARAMS_FILE) or {}
+        status = _read_json(pdir / STATUS_FILE) or {"status": "pending"}
+        row: dict[str, Any] = {
+            "point": pdir.name,
+            "status": status.get("status", "pending"),
+            "error": status.get("error"),
+            "seconds": status.get("seconds"),
+        }
+        for k, v in params.items():
+            if k not in param_cols:
+                param_cols.append(k)
+            row[k] = v
+        summary_path = _find_summary(pdir)
+        summary = _read_json(summary_path) if summary_path else None
+        if isinstance(summary, Mapping):
+            kept = {k: v for k, v in summary.items() if k not in SUMMARY_SKIP}
+            for k, v in _flatten(kept).items():
+                col = k if k not in params and k not in _META_COLUMNS else f"summary.{k}"
+                if col not in metric_cols:
+                    metric_cols.append(col)
+                row[col] = v
+        rows.append(row)
+    columns = list(_META_COLUMNS) + param_cols + [c for c in metric_cols if c not in param_cols]
+    table = pd.DataFrame(rows, columns=columns)
+    table.attrs["parameters"] = list(param_cols)
+    if write:
+        table.to_csv(out / RESULTS_FILE, index=False)
+    return table
+
+
+def varied_parameters(table: pd.DataFrame, exclude: Iterable[str] = ("seed",)) -> list[str]:
+    """The parameters (``table.attrs["parameters"]`` from :func:`collect`) that take more than one
+    value across the points, minus ``exclude``: the columns that define a *setting*."""
+    params = table.attrs.get("parameters") or []
+    exclude = set(exclude)
+    return [c for c in params if c not in exclude and table[c].astype(str).nunique(dropna=False) > 1]
+
+
+def setting_labels(table: pd.DataFrame, by: Sequence[str]) -> pd.Series:
+    """One readable label per row, ``"ssr=True, ssr_weight=0.4"``, from the columns ``by``
+    (a parameter missing from a point, NaN, is left out of its label)."""
+    def label(row: pd.Series) -> str:
+        parts = [f"{c}={row[c]}" for c in by if not (isinstance(row[c], float) and math.isnan(row[c]))]
+        return ", ".join(parts) or "all"
+
+    return table.apply(label, axis=1) if len(table) else pd.Series([], dtype=str)
+
+
+def summarize(
+    table: pd.DataFrame,
+    by: Iterable[str],
+    metrics: Iterable[str],
+) -> pd.DataFrame:
+    """Mean, standard deviation (ddof=1) and count of ``metrics`` over the ok rows of each group.
+
+    ``by`` names the parameters that define a setting (everything but the seed, typically).
+    Returns one row per setting with columns ``<metric>_mean``, ``<metric>_std``, and ``n``.
+    """
+    by, metrics = list(by), list(metrics)
+    missing = [c for c in by + metrics if c not in table.columns]
+    if missing:
+        raise ValueError(
+            f"columns {missing} are not in the table; available: {', '.join(map(str, table.columns))}"
+        )
+    ok = table[table["status"] == "ok"] if "status" in table.columns else table
+    keys = [ok[c].astype(str) for c in by] if by else [pd.Series("all", index=ok.index)]
+    grouped = ok.groupby(keys, sort=False, dropna=False)[metrics]
+    stats = grouped.agg(["mean", "std"])
+    stats.columns = [f"{m}_{s}" for m, s in stats.columns]
+    stats["n"] = grouped.size()
+    return stats.reset_index(names=by or ["setting"])
+
+
+# --- command line --------------------------------------------------------------------------------
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``dmlnb sweep NOTEBOOK --grid grid.yaml --out DIR --jobs N``; sets ``func``."""
+    p = subparsers.add_parser(
+        "sweep",
+        help="run a notebook over a parameter grid with papermill",
+        description=(
+            "Execute NOTEBOOK once per point of the grid (papermill), JOBS at a time; one directory "
+            "per point under OUT with the executed notebook and its run; points already done are "
+            "skipped; failed points are recorded with their error. Writes OUT/results.csv."
+        ),
+    )
+    p.add_argument("notebook", help="the notebook to execute (first code cell tagged 'parameters')")
+    p.add_argument("--grid", required=True,
+                   help="YAML file: {name: value or [values]} or a list of such mappings")
+    p.add_argument("--out", required=True, help="sweep directory")
+    p.add_argument("--jobs", type=int, default=1, help="points run at the same time (default 1)")
+    p.add_argument("--kernel", default=DEFAULT_KERNEL, help=f"Jupyter kernel (default {DEFAULT_KERNEL})")
+    p.add_argument("--run-dir-param", default="run_dir",
+                   help="notebook parameter receiving each point's run directory ('' for none)")
+    p.add_argument("--timeout", type=float, default=None, help="per-cell timeout in seconds")
+    p.set_defaults(func=_main)
+    return p
+
+
+def _main(args: argparse.Namespace) -> int:
+    table = run_sweep(
+        args.notebook,
+        args.grid,
+        args.out,
+        jobs=args.jobs,
+        kernel_name=args.kernel,
+        run_dir_param=args.run_dir_param or None,
+        timeout=args.timeout,
+    )
+    n_failed = int((table["status"] != "ok").sum())
+    print(f"sweep: {len(table) - n_failed} ok, {n_failed} failed; table: "
+          f"{Path(args.out) / RESULTS_FILE}")
+    return 1 if n_failed else 0
