@@ -293,7 +293,9 @@ def run_sweep(
             report(i, Path(a[1]).name, _run_point(*a))
     else:
         # spawn: workers start clean (no forked torch/zmq state); each only drives papermill
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"))
+        previous = _raise_on_sigterm()
+        try:
             futures = {pool.submit(_run_point, *a): Path(a[1]).name for a in args}
             for i, fut in enumerate(as_completed(futures), 1):
                 name = futures[fut]
@@ -304,7 +306,55 @@ def run_sweep(
                               "seconds": math.nan}
                     _write_json(out / name / STATUS_FILE, status)
                 report(i, name, status)
+        except BaseException:
+            # interrupted (Ctrl-C, SIGTERM): stop the workers *and their kernels*, so that nothing
+            # keeps writing into the sweep; unfinished points are re-run by the next call
+            _kill_workers(pool)
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            _restore_sigterm(previous)
     return collect(out)
+
+
+def _raise_on_sigterm():
+    """Turn SIGTERM into KeyboardInterrupt while a parallel sweep runs (main thread only)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def _restore_sigterm(previous) -> None:
+    import signal
+
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    """Kill the pool's worker processes and everything they started (papermill's kernels)."""
+    import psutil
+
+    procs = []
+    for worker in list(getattr(pool, "_processes", {}).values()):
+        try:
+            parent = psutil.Process(worker.pid)
+            procs += parent.children(recursive=True) + [parent]
+        except psutil.NoSuchProcess:
+            continue
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=10)
 
 
 # --- collecting ----------------------------------------------------------------------------------

@@ -166,3 +166,37 @@ def test_cli_parser_registers_sweep():
     args = parser.parse_args(["sweep", "nb.ipynb", "--grid", "g.yaml", "--out", "o", "--jobs", "3"])
     assert (args.notebook, args.grid, args.out, args.jobs) == ("nb.ipynb", "g.yaml", "o", 3)
     assert callable(args.func)
+
+
+@pytest.mark.slow
+def test_interrupted_parallel_sweep_leaves_no_worker_or_kernel_running(tmp_path):
+    """SIGTERM to a sweep stops its workers and their kernels: nothing keeps writing afterwards."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell("a = 1\nrun_dir = None")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("import time\ntime.sleep(120)")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, tmp_path / "slow.ipynb")
+    code = (f"from dmlnb.sweep import run_sweep\n"
+            f"run_sweep({str(tmp_path / 'slow.ipynb')!r}, {{'a': [1, 2]}}, {str(tmp_path / 'out')!r}, jobs=2)")
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ})
+    parent = psutil.Process(proc.pid)
+    deadline = time.time() + 120
+    kernels = []
+    while time.time() < deadline and len(kernels) < 2:  # wait until both kernels run
+        kernels = [p for p in parent.children(recursive=True) if "ipykernel" in " ".join(p.cmdline())]
+        time.sleep(1)
+    assert len(kernels) == 2, "the kernels did not start"
+    descendants = parent.children(recursive=True)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    gone, alive = psutil.wait_procs(descendants, timeout=20)
+    assert not alive, f"still running after the sweep was stopped: {[p.pid for p in alive]}"
