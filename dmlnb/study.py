@@ -398,7 +398,7 @@ def _untrained_rows(out: Path, table: pd.DataFrame, quick: bool) -> pd.DataFrame
                 if isinstance(v, str) and v.startswith("{"):
                     v = json.loads(v)
                 if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                    config[k] = v
+                    config[k] = int(v) if k != "dataset_options" else v  # table columns hold floats
             result = measure_untrained(config, int(r["seed"]))
             _write_json(cache, result)
         for loss in sorted(set(table[table.dataset == r["dataset"]]["loss"])):
