@@ -416,9 +416,10 @@ def _fmt(mean: float, std: float) -> str:
 def render_markdown(settings: pd.DataFrame, paired: pd.DataFrame, failed: pd.DataFrame,
                     budget: dict[str, Any]) -> str:
     """The study's tables as Markdown (mean ± std over seeds; paired tests)."""
-    lines = [f"Wall time on {budget['cores']} cores with {budget['jobs']} jobs: "
-             f"{budget['total_s'] / 60:.1f} min (sweep {budget['sweep_s'] / 60:.1f} min for "
-             f"{budget['sweep_points']} training runs)." + (" QUICK MODE: numbers mean nothing." if budget["quick"] else ""),
+    lines = [f"Budget: {budget['sweep_points']} training runs (papermill executions of 02_train) took "
+             f"{budget['sweep_point_s_sum'] / 60:.0f} min of run time in all, each run on 1 thread, "
+             f"{budget['jobs']} at a time on {budget['cores']} cores; this report's analysis took "
+             f"{budget['total_s'] / 60:.1f} min." + (" QUICK MODE: numbers mean nothing." if budget["quick"] else ""),
              ""]
     retrieval = [m for m in ("recall@1", "map@r", "r_precision", "nmi", "f1") if f"{m}_mean" in settings]
     intra = [m for m in ("view_tau_metric", "view_tau_ssr", "spread", "lift_family", "lift_weight",
