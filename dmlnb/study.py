@@ -458,9 +458,11 @@ def write_figures(settings: pd.DataFrame, out: Path) -> list[Path]:
     panels = [m for m in ("map@r", "recall@1", "view_tau_metric", "lift_family") if f"{m}_mean" in settings]
     for dataset, sub in settings.groupby("dataset", sort=False):
         fig = make_subplots(rows=1, cols=len(panels), subplot_titles=panels)
+        colours = dict(zip(sorted(set(sub["loss"])), ("#1f77b4", "#d62728", "#2ca02c", "#9467bd"), strict=False))
         for j, m in enumerate(panels, 1):
             for loss, part in sub.groupby("loss", sort=False):
                 fig.add_trace(go.Bar(name=loss, x=part["setting"], y=part[f"{m}_mean"],
+                                     marker_color=colours.get(loss),
                                      error_y={"type": "data", "array": part[f"{m}_std"].fillna(0)},
                                      legendgroup=loss, showlegend=j == 1), row=1, col=j)
         fig.update_layout(title=f"Study on {dataset}: mean ± std over seeds", barmode="group",
