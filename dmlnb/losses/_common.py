@@ -139,6 +139,11 @@ class StatsMixin:
             for k, v in parts.items()
         }
 
+    def param_groups(self, base_lr: float) -> list[dict]:
+        """Optimiser groups of the loss's own parameters; none by default (margin and Proxy-Anchor
+        override it)."""
+        return []
+
     @property
     def last_stats(self) -> dict[str, float]:
         """Parts of the last forward pass (e.g. positive and negative terms), as Python floats."""

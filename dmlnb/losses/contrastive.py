@@ -66,10 +66,6 @@ class ContrastiveLoss(StatsMixin, nn.Module):
         self.pos_margin = float(check_range("pos_margin", pos_margin, 0.0))
         self.neg_margin = float(check_range("neg_margin", neg_margin, 0.0, low_inclusive=False))
 
-    def param_groups(self, base_lr: float) -> list[dict]:
-        """No parameters of its own: an empty list."""
-        return []
-
     def forward(
         self,
         embeddings: torch.Tensor,

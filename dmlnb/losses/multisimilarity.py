@@ -74,10 +74,6 @@ class MultiSimilarityLoss(StatsMixin, nn.Module):
         self.base = float(check_range("base", base, -1.0, 1.0))
         self.epsilon = float(check_range("epsilon", epsilon, 0.0))
 
-    def param_groups(self, base_lr: float) -> list[dict]:
-        """No parameters of its own: an empty list."""
-        return []
-
     @torch.no_grad()
     def mine(self, sim: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Boolean ``[B, B]`` masks of the mined positive and negative pairs, given similarities."""

@@ -87,10 +87,6 @@ class RankingLoss(StatsMixin, nn.Module):
         self.pos_weight = float(check_range("pos_weight", pos_weight, 0.0))
         self.pairs = check_choice("pairs", pairs, RANK_PAIR_CHOICES)
 
-    def param_groups(self, base_lr: float) -> list[dict]:
-        """No parameters of its own: an empty list."""
-        return []
-
     def _pair_mask(self, n_views: int, device: torch.device) -> torch.Tensor:
         """``[N, N]`` boolean mask of the ordered pairs ``(n, m)``: weaker ``n``, stronger ``m``."""
         idx = torch.arange(n_views, device=device)

@@ -57,10 +57,6 @@ class TripletLoss(StatsMixin, nn.Module):
         super().__init__()
         self.margin = float(check_range("margin", margin, 0.0, low_inclusive=False))
 
-    def param_groups(self, base_lr: float) -> list[dict]:
-        """No parameters of its own: an empty list."""
-        return []
-
     def forward(
         self,
         embeddings: torch.Tensor,
