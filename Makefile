@@ -31,7 +31,7 @@ study: $(STAMP)
 	$(BIN)/dmlnb study --out study
 
 glyphs: $(STAMP)
-	$(BIN)/python -m dmlnb.data.build_glyphs
+	$(BIN)/python tools/build_glyphs.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check dmlnb tests benchmarks

@@ -15,7 +15,7 @@ is the median over ``--repeats`` interleaved repetitions of the second epoch. Bo
 wall times vary by 2-5x with other people's load, while the CPU time of a single-threaded run
 (``--threads 1``, no loader workers) measures the work done and barely moves.
 
-A second, finer measurement alternates fit's own iteration (``_Trainer.train_step``) and the
+A second, finer measurement alternates fit's own iteration (``Trainer.train_step``) and the
 hand-written step on one fixed batch, step by step (``--step_pairs``), so that load hits both
 alike; it leaves out data loading and logging, which the loop-level numbers include.
 
@@ -39,13 +39,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from dmlnb import experiment as E  # noqa: E402
 from dmlnb import runs  # noqa: E402
 from dmlnb import train as T  # noqa: E402
 from dmlnb.config import TrainConfig  # noqa: E402
 from dmlnb.data import load_dataset  # noqa: E402
 from dmlnb.data.sampler import ClassBalancedBatchSampler  # noqa: E402
 from dmlnb.losses import RankingLoss  # noqa: E402
-from dmlnb.transforms import make_views  # noqa: E402
+from dmlnb.views import make_views  # noqa: E402
 
 
 def config(ssr: bool, steps: int, root: str) -> TrainConfig:
@@ -72,10 +73,10 @@ def time_hand_loop(cfg: TrainConfig) -> tuple[float, float]:
     sampler = ClassBalancedBatchSampler(ds.labels, cfg.classes_per_batch, cfg.samples_per_class,
                                         seed=cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
-    model = T.seeded_model(cfg, ds.channels)
-    metric = T.build_metric_loss(cfg, int(ds.labels.max()) + 1, g)
+    model = E.seeded_model(cfg, ds.channels)
+    metric = E.build_metric_loss(cfg, int(ds.labels.max()) + 1, g)
     ranking = RankingLoss()
-    opt = torch.optim.AdamW(T._param_groups(cfg, model, metric), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(T.param_groups(cfg, model, metric), weight_decay=cfg.weight_decay)
     model.train()
     B, M, N = cfg.batch_size, cfg.ssr_images, cfg.ssr_levels
     per_step = []
@@ -102,11 +103,11 @@ def time_hand_loop(cfg: TrainConfig) -> tuple[float, float]:
 
 
 def step_level(ssr: bool, n: int, root: str) -> tuple[list[float], list[float]]:
-    """fit's own iteration (``_Trainer.train_step``: coin, picks, views, one pass, losses,
+    """fit's own iteration (``Trainer.train_step``: coin, picks, views, one pass, losses,
     backward, AdamW and scheduler steps, NaN check) against the hand-written step on the same
     batch, alternated step by step so that machine load hits both alike."""
     cfg = config(ssr, 10, root)
-    trainer = T._Trainer(cfg, None)
+    trainer = T.Trainer(cfg, None)
     trainer.setup()
     trainer.t0 = time.perf_counter()
     ds = trainer.train_ds
@@ -114,10 +115,10 @@ def step_level(ssr: bool, n: int, root: str) -> tuple[list[float], list[float]]:
     x = torch.stack([ds[i][0] for i in idx])
     y = torch.tensor([ds[i][1] for i in idx])
     g = torch.Generator().manual_seed(cfg.seed)
-    model = T.seeded_model(cfg, ds.channels)
-    metric = T.build_metric_loss(cfg, int(ds.labels.max()) + 1, g)
+    model = E.seeded_model(cfg, ds.channels)
+    metric = E.build_metric_loss(cfg, int(ds.labels.max()) + 1, g)
     ranking = RankingLoss()
-    opt = torch.optim.AdamW(T._param_groups(cfg, model, metric), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(T.param_groups(cfg, model, metric), weight_decay=cfg.weight_decay)
     B, M, N = cfg.batch_size, cfg.ssr_images, cfg.ssr_levels
 
     def hand() -> None:

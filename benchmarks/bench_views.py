@@ -7,7 +7,7 @@ For each setting, on the same batch:
 - training step: forward (``ssr=True``) of the B originals and the M * N views in one pass, a
   stand-in loss on both heads, backward, one AdamW step (the real losses cost next to nothing
   beside the backbone);
-- fraction = view time / training-step time. Goal (issue 6): <= 10 %.
+- fraction = view time / training-step time. Goal: <= 10 %.
 
 Settings: glyph-like 1 x 32 x 32 with ``smallcnn`` (B = 120, M = 20: the paper's batch and SSR
 images; and M = B, every image gets views), and 3 x 224 x 224 with ResNet-50 (on a CPU only a few
@@ -33,7 +33,7 @@ sys.path.insert(
 
 from dmlnb.defaults import CLASSES_PER_BATCH, SAMPLES_PER_CLASS, SSR_IMAGES, SSR_LEVELS  # noqa: E402
 from dmlnb.model import EmbeddingNet  # noqa: E402
-from dmlnb.transforms import make_views  # noqa: E402
+from dmlnb.views import make_views  # noqa: E402
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """A short GPU check (a few minutes on one GPU): ResNet-50 at 224 px, training with and without SSR,
-and evaluation throughput, through dmlnb's own training step (``_Trainer.train_step``).
+and evaluation throughput, through dmlnb's own training step (``Trainer.train_step``).
 
 Run on a machine with a CUDA GPU::
 
@@ -25,6 +25,7 @@ import torch
 
 from dmlnb import train as T
 from dmlnb.config import TrainConfig
+from dmlnb.distributed import autocast
 
 
 def _config(ssr: bool, args: argparse.Namespace, device: str) -> TrainConfig:
@@ -47,7 +48,7 @@ def _sync(device: torch.device) -> None:
 def time_steps(ssr: bool, args: argparse.Namespace, device: str) -> dict[str, float]:
     """Seconds per training step (after warm-up) of fit's own iteration on one fixed batch."""
     cfg = _config(ssr, args, device)
-    trainer = T._Trainer(cfg, None)
+    trainer = T.Trainer(cfg, None)
     trainer.setup()
     trainer.t0 = time.perf_counter()
     ds = trainer.train_ds
@@ -70,7 +71,7 @@ def time_steps(ssr: bool, args: argparse.Namespace, device: str) -> dict[str, fl
     model = trainer.model.eval()
     n = 0
     t = time.perf_counter()
-    with torch.no_grad(), T._autocast(trainer.device, cfg.amp):
+    with torch.no_grad(), autocast(trainer.device, cfg.amp):
         for _ in range(args.steps):
             model(x)
             n += x.shape[0]

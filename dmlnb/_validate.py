@@ -6,15 +6,33 @@ Every message names the offending parameter and, where there is a finite set, th
 
 from __future__ import annotations
 
+import difflib
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 
+def did_you_mean(value: Any, choices: Iterable[Any]) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices`` to a misspelt string ``value``
+    (``""`` when nothing is close)."""
+    if not isinstance(value, str):
+        return ""
+    names = [c for c in choices if isinstance(c, str)]
+    close = difflib.get_close_matches(value, names, n=1, cutoff=0.6)
+    if not close:
+        lowered = {c.lower(): c for c in names}
+        close = [lowered[value.lower()]] if value.lower() in lowered else []
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
-    """Return ``value`` if it is one of ``choices``, else raise a ValueError naming both."""
+    """Return ``value`` if it is one of ``choices``, else raise a ValueError naming both (and the
+    closest choice to a misspelt name)."""
     choices = list(choices)
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}")
+        listed = ", ".join(map(repr, choices))
+        raise ValueError(f"{name}={value!r} is not valid{did_you_mean(value, choices)}; "
+                         f"choose one of {listed}")
     return value
 
 
@@ -23,8 +41,11 @@ def check_keys(given: Mapping[str, Any] | Iterable[str], valid: Iterable[str], w
     valid = list(valid)
     unknown = [k for k in given if k not in valid]
     if unknown:
+        hints = "".join(did_you_mean(k, valid).replace("; did you mean", f"; {k!r}: did you mean")
+                        for k in unknown)
         raise ValueError(
-            f"unknown {what}: {', '.join(map(repr, unknown))}; valid {what} are: {', '.join(valid)}"
+            f"unknown {what}: {', '.join(map(repr, unknown))}{hints}; valid {what} are: "
+            f"{', '.join(valid)}"
         )
 
 
@@ -37,9 +58,12 @@ def check_range(
     low_inclusive: bool = True,
     high_inclusive: bool = True,
 ) -> float:
-    """Return ``value`` if it lies in the given interval, else raise a ValueError that states it."""
+    """Return ``value`` if it is a finite number in the given interval, else raise a ValueError
+    that states it (NaN and infinities are refused whatever the interval)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__} ({value!r})")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} is not a finite number")
     ok = True
     if low is not None:
         ok &= value >= low if low_inclusive else value > low

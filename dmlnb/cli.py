@@ -7,27 +7,25 @@ as the fields (``--ssr_prob 0.5``; ``--ssr-prob`` works too); booleans take ``--
 ``--no-ssr``; lists take several values (``--ssr_families crop color``); dicts take JSON
 (``--loss_params '{"margin": 0.1}'``); optional values take ``none``.
 
-Other subcommands come from modules that register them with ``add_parser(subparsers)`` when they
-import: :mod:`dmlnb.data.cli` (data), :mod:`dmlnb.sweep` (sweep), :mod:`dmlnb.demo` (demo),
-:mod:`dmlnb.study` (study), :mod:`dmlnb.figures` (figures), :mod:`dmlnb.recipe` (recipe). A module that does not exist is
-skipped; any other import error is raised.
+The other subcommands are defined by the modules that implement them, each with an
+``add_parser(subparsers)``: :mod:`dmlnb.data.cli` (data), :mod:`dmlnb.sweep` (sweep),
+:mod:`dmlnb.demo` (demo), :mod:`dmlnb.study` (study), :mod:`dmlnb.figures` (figures),
+:mod:`dmlnb.recipe` (recipe).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import json
 import sys
+import typing
 from collections.abc import Sequence
 from typing import Any
 
-from dmlnb import config as C
-from dmlnb.config import PRESETS, TrainConfig, field_names
-
-OPTIONAL_SUBCOMMANDS = ("dmlnb.data.cli", "dmlnb.sweep", "dmlnb.demo", "dmlnb.study",
-                        "dmlnb.figures", "dmlnb.recipe")
+from dmlnb import defaults as D
+from dmlnb.config import FIELD_GROUPS, FIELD_HELP, PRESETS, TrainConfig, field_names
+from dmlnb.runs import RunLockedError
 
 
 # --- flag parsing from the dataclass --------------------------------------------------------------
@@ -64,19 +62,27 @@ def _number_list_item(text: str) -> int | float:
     return int(text) if text.lstrip("-").isdigit() else float(text)
 
 
-def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, default: Any) -> None:
-    flags = [f"--{f.name}"]
-    if "_" in f.name:
-        flags.append(f"--{f.name.replace('_', '-')}")
-    hint = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+def _bool(text: str) -> bool:
+    value = _optional_bool(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value
+
+
+def _add_field(parser: argparse._ArgumentGroup, f: dataclasses.Field, tp: Any, default: Any,
+               choices: tuple | None) -> None:
+    """One flag per field, shown once with its help; ``--a-b`` is accepted for ``--a_b`` and
+    booleans take ``--x``, ``--x true|false`` or ``--no-x``."""
+    hint = _type_name(tp)
     shown = json.dumps(list(default)) if isinstance(default, tuple) else json.dumps(default)
-    help_text = f"(default: {shown})"
+    help_text = f"{FIELD_HELP[f.name]} (default: {shown})"
+    if choices:
+        help_text = f"{FIELD_HELP[f.name]}: {', '.join(map(str, choices))} (default: {shown})"
     kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS}
     if hint == "bool":
-        parser.add_argument(*flags, action=argparse.BooleanOptionalAction, help=help_text, **kw)
-        return
-    if hint == "bool | None":
-        kw.update(type=_optional_bool, metavar="{true,false,auto}")
+        kw.update(type=_bool, nargs="?", const=True, metavar="true|false")
+    elif hint == "bool | None":
+        kw.update(type=_optional_bool, metavar="true|false|auto")
     elif hint == "int":
         kw.update(type=int)
     elif hint == "int | None":
@@ -92,88 +98,96 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, default: A
         kw.update(type=item, nargs="+")
     else:
         kw.update(type=str)
-    if f.name in _CHOICES:
-        help_text = f"one of {', '.join(map(str, _CHOICES[f.name]))} {help_text}"
-    if f.name in _HELP:
-        help_text = f"{_HELP[f.name]}; {help_text}"
-    parser.add_argument(*flags, help=help_text, **kw)
+    parser.add_argument(f"--{f.name}", help=help_text, **kw)
+    if "_" in f.name:  # the dashed spelling, accepted but not listed twice
+        parser.add_argument(f"--{f.name.replace('_', '-')}", help=argparse.SUPPRESS, **kw)
+    if hint == "bool":
+        for spelling in {f"--no-{f.name}", f"--no-{f.name.replace('_', '-')}"}:
+            parser.add_argument(spelling, dest=f.name, action="store_const", const=False,
+                                default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
-# what a field means, in the paper's words (the TrainConfig docstring has the full story)
-_HELP = {
-    "dataset": "a name of dmlnb.data.dataset_names()",
-    "data_root": "folder of a real benchmark",
-    "dataset_options": "loader options, e.g. {\"max_per_class\": 50}",
-    "loss_params": "keyword parameters of the DML loss",
-    "ssr": "add the self-supervised ranking loss",
-    "ssr_prob": "p, probability that the SSR branch runs in an iteration",
-    "ssr_weight": "gamma in L = L_metric + gamma L_rank",
-    "ssr_levels": "N, views of increasing strength per image",
-    "ssr_images": "M, images of the (global) batch that get views",
-    "ssr_sigma": "strength schedule t_n = tanh(sigma n)",
-    "ssr_nested": "view n+1 continues view n's random direction",
-    "rank_scale": "s of the ranking loss", "rank_alpha": "list-wise margin alpha",
-    "rank_beta": "point-wise floor beta", "rank_pos_weight": "lambda_r, weight of the floor",
-    "steps_per_epoch": "cap on iterations per epoch (none: a full epoch)",
-    "max_steps": "cap on iterations of the whole run",
-    "batch_size": "images per global batch (classes x samples_per_class)",
-    "pretrained": "ImageNet weights (needs internet once)",
-    "freeze_bn": "BatchNorm statistics frozen (auto: ResNets yes, smallcnn no)",
-    "freeze_stages": "freeze the first k backbone stages",
-    "augment": "random crop (+ flip, not for characters) on the training split",
-    "lr": "backbone learning rate (AdamW)", "head_lr_mult": "heads at lr x this",
-    "lr_milestones": "step schedule: fractions of the run where lr *= lr_decay",
-    "select_metric": "validation metric that picks the best checkpoint",
-    "eval_test_each_epoch": "also log test metrics per epoch (curves only)",
-    "eval_checkpoint": "weights of the final test evaluation",
-    "amp": "autocast on CUDA", "run_dir": "none: a new folder under runs_root",
-    "resume": "continue the run in run_dir from its last checkpoint",
-    "checkpoint_every": "extra checkpoints every N steps (0: at epoch ends)",
-    "quiet": "no progress bars",
-}
+def _type_name(tp: Any) -> str:
+    """``bool``, ``int | None``, ... of a resolved type hint (``X | None`` spelled that way)."""
+    args = typing.get_args(tp)
+    if args and type(None) in args:
+        inner = [a for a in args if a is not type(None)]
+        return f"{inner[0].__name__} | None"
+    return getattr(tp, "__name__", str(tp))
 
-# finite sets shown in --help (the config validates them, with the same lists, after parsing)
-_CHOICES = {
-    "loss": C.LOSS_NAMES, "backbone": C.BACKBONE_NAMES, "pooling": C.POOLINGS,
-    "ssr_families": C.VIEW_FAMILIES, "ssr_pairs": C.RANK_PAIR_CHOICES, "schedule": C.SCHEDULES,
-    "amp": C.AMP_CHOICES, "device": (*C.DEVICE_CHOICES, "cuda:N"),
-    "select_metric": C.SELECT_METRICS, "eval_checkpoint": C.CHECKPOINT_CHOICES,
-    "train_split": C.SPLIT_CHOICES, "val_split": (*C.SPLIT_CHOICES, "none"),
-    "test_split": C.SPLIT_CHOICES,
-}
+
+def _choices() -> dict[str, tuple]:
+    """The finite sets shown in ``--help``: the vocabularies of :mod:`dmlnb.defaults` and the
+    names of the registries (the config and :func:`dmlnb.experiment.check_config` validate
+    against the same sets)."""
+    from dmlnb.data import dataset_names
+    from dmlnb.losses import LOSSES
+    from dmlnb.model import BACKBONES
+
+    return {
+        "dataset": tuple(dataset_names()), "loss": tuple(LOSSES), "backbone": tuple(BACKBONES),
+        "pooling": D.POOLINGS, "ssr_families": D.VIEW_FAMILIES, "ssr_pairs": D.RANK_PAIR_CHOICES,
+        "schedule": D.SCHEDULES, "amp": D.AMP_CHOICES, "device": (*D.DEVICE_CHOICES, "cuda:N"),
+        "select_metric": D.SELECT_METRICS, "eval_checkpoint": D.CHECKPOINT_CHOICES,
+        "train_split": D.SPLITS, "val_split": (*D.SPLITS, "none"), "test_split": D.SPLITS,
+    }
 
 
 def _add_train_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train a model (L = L_metric + gamma L_rank) and evaluate it",
         description="Train with dmlnb.train.fit. Layers: defaults < --preset < --config < flags.",
+        usage="dmlnb train [--preset NAME] [--config FILE.json] [--print-config] [--FIELD VALUE ...]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="the paper's settings for a benchmark (ResNet-50, 224 px)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, metavar="NAME",
+                   help=f"{', '.join(sorted(PRESETS))}. paper-*: the paper's settings for a benchmark "
+                        "(ResNet-50, 224 px); cpu-*-lite0: the pretrained regime on the "
+                        "embedded data (EfficientNet-Lite0, 64 px, CPU)")
     p.add_argument("--config", dest="config_file", default=None, metavar="FILE.json",
                    help="a JSON file of config fields (e.g. a run's config.json)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resulting config as JSON and exit without training")
     defaults = TrainConfig()
-    group = p.add_argument_group("config fields (dmlnb.config.TrainConfig)")
-    for f in dataclasses.fields(TrainConfig):
-        _add_field(group, f, getattr(defaults, f.name))
+    types = typing.get_type_hints(TrainConfig)
+    choices = _choices()
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for title, names in FIELD_GROUPS.items():
+        group = p.add_argument_group(title)
+        for name in names:
+            _add_field(group, fields[name], types[name], getattr(defaults, name),
+                       choices.get(name))
     p.set_defaults(func=_cmd_train)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The :class:`TrainConfig` of parsed ``dmlnb train`` arguments (layers as documented)."""
+    """The :class:`TrainConfig` of parsed ``dmlnb train`` arguments (layers as documented),
+    checked against the registries too (:func:`dmlnb.experiment.check_config`)."""
     d: dict[str, Any] = {}
     if args.preset:
         d.update(PRESETS[args.preset])
     if args.config_file:
-        with open(args.config_file, encoding="utf-8") as fh:
-            d.update(json.load(fh))
+        d.update(_read_config_file(args.config_file))
     for name in field_names():
         if hasattr(args, name):
             d[name] = getattr(args, name)
-    return TrainConfig.from_dict(d)
+    from dmlnb.experiment import check_config
+
+    return check_config(d)
+
+
+def _read_config_file(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = json.load(fh)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--config {path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--config {path}: not a JSON file ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--config {path}: expected a JSON object of config fields, got "
+                         f"{type(value).__name__}")
+    return value
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -203,7 +217,8 @@ def _add_eval_parser(subparsers) -> None:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from dmlnb.train import evaluate_run, resolve_device
+    from dmlnb.distributed import resolve_device
+    from dmlnb.experiment import evaluate_run
 
     metrics = evaluate_run(args.run_dir, split=args.split, which=args.checkpoint,
                            device=str(resolve_device(args.device)), batch_size=args.batch_size,
@@ -234,39 +249,53 @@ def _cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``dmlnb`` argument parser, with the optional modules' subcommands when present."""
+#: Every subcommand, its one-line help, and the function that defines its parser (module path
+#: and name, imported only when that subcommand is used: ``dmlnb --help`` imports no torch).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("train a model (L = L_metric + gamma L_rank) and evaluate it", "dmlnb.cli:_add_train_parser"),
+    "eval": ("re-evaluate a run's checkpoint", "dmlnb.cli:_add_eval_parser"),
+    "runs": ("list finished runs as a table", "dmlnb.cli:_add_runs_parser"),
+    "data": ("download, inspect and build data sets", "dmlnb.data.cli:add_parser"),
+    "sweep": ("run a notebook over a parameter grid with papermill", "dmlnb.sweep:add_parser"),
+    "demo": ("train a baseline and an SSR model briefly and write figures", "dmlnb.demo:add_parser"),
+    "study": ("run the baseline-vs-SSR study (a papermill sweep) and report it", "dmlnb.study:add_parser"),
+    "figures": ("execute the notebooks and write their figures", "dmlnb.figures:add_parser"),
+    "recipe": ("the paper's protocol on the real benchmarks (GPU)", "dmlnb.recipe:add_parser"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``dmlnb`` argument parser. ``command`` given: that subcommand's full parser (its
+    module imported) and one-line entries for the others; ``None``: every subcommand in full."""
+    import importlib
+
     parser = argparse.ArgumentParser(
         prog="dmlnb",
         description="Deep Metric Learning with Self-Supervised Ranking (Fu et al., AAAI 2021)",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_train_parser(subparsers)
-    _add_eval_parser(subparsers)
-    _add_runs_parser(subparsers)
-    for name in OPTIONAL_SUBCOMMANDS:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:  # the module exists but something it needs is missing
-                raise
-            continue
-        add = getattr(module, "add_parser", None)
-        if add is not None:
-            add(subparsers)
+    for name, (help_text, where) in COMMANDS.items():
+        if command is None or command == name:
+            module, func = where.split(":")
+            getattr(importlib.import_module(module), func)(subparsers)
+        else:
+            subparsers.add_parser(name, help=help_text)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``dmlnb`` console script; returns the exit status."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), "")
+    parser = build_parser(command if command in COMMANDS else "")
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, FloatingPointError,
+            RunLockedError) as err:
         print(f"dmlnb {args.command}: error: {err}", file=sys.stderr)
         return 2
 

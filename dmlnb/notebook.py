@@ -64,7 +64,7 @@ def _bool(name: str, value: Any) -> None:
 
 
 def _families(name: str, value: Any) -> None:
-    from dmlnb.transforms import FAMILIES
+    from dmlnb.views import FAMILIES
 
     values = [value] if isinstance(value, str) else value
     if not isinstance(values, (list, tuple)) or not values:
@@ -175,7 +175,7 @@ def train_parameters(namespace: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]
     sweep grids), plus the notebook's own knobs (:data:`KNOBS` ``["train"]``). Unknown names and
     invalid values raise one ValueError naming them and the valid choices.
     """
-    from dmlnb.config import TrainConfig, field_names
+    from dmlnb.config import field_names
 
     knobs = KNOBS["train"]
     given = _user_names(namespace)
@@ -184,7 +184,40 @@ def train_parameters(namespace: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]
     for name, knob in knobs.items():
         if knob.check is not None:
             knob.check(name, extra[name])
-    return TrainConfig.from_dict(given), extra
+    from dmlnb.experiment import check_config
+
+    return check_config(_booleans_from_text(given)), extra
+
+
+def changed_settings(config: Any) -> Any:
+    """The settings of ``config`` that differ from :class:`~dmlnb.config.TrainConfig`'s
+    defaults, as a small table (setting, value, default): what a notebook shows instead of
+    the whole config (the run's ``config.json`` has every field)."""
+    import pandas as pd
+
+    from dmlnb.config import TrainConfig
+
+    now, default = config.to_dict(), TrainConfig().to_dict()
+    rows = [(k, json.dumps(v), json.dumps(default[k])) for k, v in now.items() if v != default[k]]
+    return pd.DataFrame(rows, columns=["setting", "value", "default"]).set_index("setting")
+
+
+def _booleans_from_text(given: dict[str, Any]) -> dict[str, Any]:
+    """``-p ssr false`` reaches the notebook as the string ``"false"`` (papermill turns only
+    ``True``/``False`` into booleans): read true/false/yes/no/1/0 as booleans for the
+    :class:`~dmlnb.config.TrainConfig` fields that are booleans."""
+    import typing
+
+    from dmlnb.config import TrainConfig
+
+    types_ = typing.get_type_hints(TrainConfig)
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    out = dict(given)
+    for name, value in given.items():
+        if isinstance(value, str) and value.lower() in words and bool in (
+                types_.get(name), *typing.get_args(types_.get(name))):
+            out[name] = words[value.lower()]
+    return out
 
 
 def notebook_dir() -> Path:
@@ -248,7 +281,7 @@ def family_gallery(
     """
     import torch
 
-    from dmlnb.transforms import make_views, strength_schedule
+    from dmlnb.views import make_views, strength_schedule
 
     images = torch.as_tensor(images)
     families = (families,) if isinstance(families, str) else tuple(families)
@@ -266,33 +299,24 @@ def family_gallery(
 
 
 def embed_images(model: Any, images: Any, batch_size: int = 512, ssr: bool = False) -> Any:
-    """Metric (and with ``ssr=True`` also SSR) embeddings of a tensor of images, as numpy."""
-    import numpy as np
+    """Metric (and with ``ssr=True`` also SSR) embeddings of a tensor of images, as numpy
+    (:func:`dmlnb.experiment.embed` on the model's device)."""
     import torch
 
+    from dmlnb.experiment import embed
+
     images = torch.as_tensor(images)
-    device = next(model.parameters()).device
-    out, out_s = [], []
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        for i in range(0, len(images), batch_size):
-            z, s = model(images[i:i + batch_size].to(device), ssr=True)
-            out.append(z.float().cpu())
-            out_s.append(s.float().cpu())
-    model.train(was)
-    z = torch.cat(out).numpy().astype(np.float32)
-    return (z, torch.cat(out_s).numpy().astype(np.float32)) if ssr else z
+    data = torch.utils.data.TensorDataset(images, torch.zeros(len(images), dtype=torch.long))
+    out = embed(model, data, batch_size=batch_size, device=next(model.parameters()).device,
+                ssr=ssr)
+    return (out["embeddings"], out["ssr"]) if ssr else out["embeddings"]
 
 
 def dataset_of_run(run_dir: Any, split: str | None = None) -> Any:
-    """The dataset split a run was evaluated on (its test split by default), with its options."""
-    from dmlnb.data import load_dataset
-    from dmlnb.runs import load_run
+    """The data split a run was evaluated on (:func:`dmlnb.experiment.run_dataset`)."""
+    from dmlnb.experiment import run_dataset
 
-    cfg = load_run(run_dir).train_config()
-    return load_dataset(cfg.dataset, split or cfg.test_split, root=cfg.data_root,
-                        **dict(cfg.dataset_options))
+    return run_dataset(run_dir, split)
 
 
 def stack_images(dataset: Any, indices: Any) -> Any:
@@ -326,27 +350,16 @@ def retrieval_examples(
 def brief_run(
     runs_root: str | os.PathLike, ssr: bool, steps: int, seed: int = 0, **overrides: Any
 ) -> Path:
-    """Train briefly on glyphs (baseline or SSR, same budget) and return the run directory;
-    a finished run with the same settings under ``runs_root`` is reused."""
-    from dmlnb.runs import load_run
-    from dmlnb.train import fit
+    """Train briefly on glyphs (baseline or SSR, same budget) and return the run directory
+    ``RUNS_ROOT/brief/<baseline|ssr>-steps<N>-seed<S>``; a finished run there is reused and an
+    interrupted one resumed (:func:`dmlnb.train.fit_or_reuse`; a run there with other settings
+    is refused, never overwritten)."""
+    from dmlnb.train import fit_or_reuse
 
     settings = dict(ssr=ssr, seed=seed, epochs=1, steps_per_epoch=steps, quiet=True, **overrides)
     name = ("ssr" if ssr else "baseline") + f"-steps{steps}-seed{seed}"
     path = Path(runs_root) / "brief" / name
-    if path.exists():
-        try:
-            run = load_run(path)
-            same = all(run.config.get(k) == (list(v) if isinstance(v, tuple) else v)
-                       for k, v in settings.items())
-            if run.finished and same:
-                return path
-        except FileNotFoundError:
-            pass
-        import shutil
-
-        shutil.rmtree(path)  # ours (named by its settings) and unfinished or stale: start afresh
-    return Path(fit(dict(settings, run_dir=str(path))).run_dir)
+    return Path(fit_or_reuse(dict(settings, run_dir=str(path))).run_dir)
 
 
 def explorer_model(
@@ -359,7 +372,7 @@ def explorer_model(
     run on glyphs (:func:`brief_run`, reused when it exists). Else ``(None, note)``: the explorer
     shows pixels only.
     """
-    from dmlnb.runs import load_model
+    from dmlnb.experiment import load_model
 
     if run_dir is not None:
         return load_model(run_dir), f"model: the run in {run_dir}"

@@ -3,7 +3,7 @@
 ``dmlnb recipe --root cub200=DIR --root cars196=DIR --root sop=DIR --out DIR`` trains, for every
 dataset given and every embedding size (128-d: ranking metrics; 512-d: state of the art), the
 baseline (margin loss, distance-weighted sampling) and SSR with the presets of
-:data:`dmlnb.config.PRESETS` (ResNet-50, ImageNet weights, 224 px, PAPER.md "Training protocol"),
+:data:`dmlnb.config.PRESETS` (ResNet-50, ImageNet weights, 224 px, docs/method.md "Training protocol"),
 then writes ``OUT/comparison.csv`` and ``OUT/comparison.md``: our test metrics (model selected on
 class-disjoint validation classes) beside the paper's reported numbers (:data:`PAPER_NUMBERS`).
 Finished runs are reused and interrupted ones resumed, so the command can simply be run again.
@@ -30,7 +30,7 @@ from dmlnb._validate import check_choice
 
 DATASETS = ("cub200", "cars196", "sop")
 DIMS = (128, 512)
-#: The paper's numbers as cited by its first author's later work (ResNet-50); see PAPER.md.
+#: The paper's numbers as cited by its first author's later work (ResNet-50); see docs/method.md, "Reference numbers".
 PAPER_NUMBERS: dict[tuple[str, int], dict[str, float]] = {
     ("cub200", 512): {"recall@1": 0.682, "recall@2": 0.781, "recall@4": 0.865},
     ("cars196", 512): {"recall@1": 0.877, "recall@2": 0.925, "recall@4": 0.954},

@@ -1,6 +1,6 @@
 """Run directories: create, write atomically, load, list.
 
-A run directory describes itself (DESIGN.md)::
+A run directory describes itself::
 
     RUN_DIR/
       config.json        the full TrainConfig (every setting, defaults included)
@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from dmlnb.config import TrainConfig
-    from dmlnb.model import EmbeddingNet
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -70,14 +69,20 @@ def _atomic(path: Path, write: Callable[[IO[bytes]], Any]) -> Path:
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON to ``path`` atomically (temp file + rename)."""
-    data = (json.dumps(_jsonable(obj), indent=2) + "\n").encode("utf-8")
+    """Write ``obj`` as indented JSON to ``path`` atomically (temp file + rename); numpy and
+    torch scalars and arrays become numbers and lists, anything else JSON cannot hold its
+    ``str``."""
+    data = (json.dumps(_jsonable(obj), indent=2, default=str) + "\n").encode("utf-8")
     return _atomic(Path(path), lambda fh: fh.write(data))
 
 
 def write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically."""
-    data = text.encode("utf-8")
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file + rename; parent folders made)."""
     return _atomic(Path(path), lambda fh: fh.write(data))
 
 
@@ -89,11 +94,39 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     return _atomic(Path(path), lambda fh: torch.save(state, fh))
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file cannot be read (truncated, empty, or not a checkpoint)."""
+
+
 def load_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``torch.load(weights_only=True)``."""
+    """Load a checkpoint with ``torch.load(weights_only=True)``.
+
+    A file that cannot be read (zero bytes, truncated by a crash outside :func:`save_checkpoint`,
+    or anything else than a checkpoint) raises :class:`CorruptCheckpointError` naming it.
+    """
+    import pickle
+    import zipfile
+
     import torch
 
-    return torch.load(Path(path), map_location=map_location, weights_only=True)
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
+            ValueError, KeyError) as err:
+        size = path.stat().st_size if path.exists() else 0
+        raise CorruptCheckpointError(
+            f"the checkpoint {str(path)!r} ({size} bytes) cannot be read: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. Move it "
+            f"aside and resume from the other checkpoint of the run (last.pt or best.pt), or "
+            f"start a new run"
+        ) from None
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError(f"the checkpoint {str(path)!r} holds a "
+                                     f"{type(state).__name__}, not a dmlnb checkpoint")
+    return state
 
 
 def save_npz(path: str | Path, **arrays: Any) -> Path:
@@ -130,10 +163,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 def truncate_metrics(run_dir: str | Path, step: int) -> None:
-    """Drop records logged after global step ``step`` (used on resume, so that the resumed run's
-    log equals an uninterrupted one)."""
+    """Drop records logged after global step ``step``, and any ``test`` record (used on resume,
+    so that the resumed run's log equals an uninterrupted one: a run that is resumed has no
+    summary, so a test record there was left by a crash before the summary was written)."""
     path = Path(run_dir) / METRICS_FILE
-    keep = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+    keep = [r for r in read_jsonl(path) if r.get("step", 0) <= step and r.get("kind") != "test"]
     write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
@@ -165,6 +199,39 @@ def is_run(path: str | Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
+LOCK_FILE = ".lock"
+
+
+def refuse_existing(path: str | Path) -> None:
+    """Raise :class:`RunExistsError` for a run directory that ``resume`` was not asked for."""
+    raise RunExistsError(
+        f"run_dir {str(path)!r} already exists and is not empty; pass resume=True to "
+        f"continue that run, or choose another run_dir (or run_dir=None for a new one)"
+    )
+
+
+def _contents(path: Path) -> list[Path]:
+    return [p for p in path.iterdir() if p.name != LOCK_FILE]
+
+
+def check_new_run_dir(path: str | Path, resume: bool) -> None:
+    """Refuse ``path`` as a run directory unless it is absent, empty (a left-over lock file
+    counts as empty) or, with ``resume``, a run: a file, or a folder holding anything that is
+    not a run, is never written into."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RunExistsError(f"run_dir {str(path)!r} exists and is not a directory")
+    if path.is_dir() and _contents(path):
+        if not resume:
+            refuse_existing(path)
+        if is_run(path):
+            return
+        raise RunExistsError(
+            f"run_dir {str(path)!r} is not empty and holds no run ({CONFIG_FILE} missing); "
+            f"refusing to write into it"
+        )
+
+
 def create_run_dir(config: TrainConfig) -> Path:
     """Make the run directory of ``config`` (a :class:`~dmlnb.config.TrainConfig`).
 
@@ -185,21 +252,77 @@ def create_run_dir(config: TrainConfig) -> Path:
                 continue
         raise RunExistsError(f"could not make a unique run directory under {root}")  # pragma: no cover
     path = Path(config.run_dir)
-    if path.exists() and not path.is_dir():
-        raise RunExistsError(f"run_dir {str(path)!r} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()):
-        if not config.resume:
-            raise RunExistsError(
-                f"run_dir {str(path)!r} already exists and is not empty; pass resume=True to "
-                f"continue that run, or choose another run_dir (or run_dir=None for a new one)"
-            )
-        if not is_run(path):
-            raise RunExistsError(
-                f"run_dir {str(path)!r} is not empty and holds no run ({CONFIG_FILE} missing); "
-                f"refusing to write into it"
-            )
+    check_new_run_dir(path, config.resume)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+class RunLockedError(RuntimeError):
+    """Another process holds the run directory's lock."""
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held until :meth:`release` (or the process ends).
+
+    It is an OS lock (``fcntl.flock`` on ``RUN_DIR/.lock``): the kernel drops it when the process
+    dies, so a SIGKILL never leaves it stale. The file records the holder (host, pid, start time)
+    so that a refused process can name it.
+    """
+
+    def __init__(self, path: Path, fh: IO[str]) -> None:
+        self.path, self._fh = path, fh
+
+    def release(self) -> None:
+        if self._fh is not None:
+            import fcntl
+
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def lock_run_dir(run_dir: str | Path) -> RunLock:
+    """Take the exclusive lock of ``run_dir`` (see :class:`RunLock`) or raise
+    :class:`RunLockedError` naming the process that holds it."""
+    import fcntl
+    import socket
+
+    path = Path(run_dir) / LOCK_FILE
+    fh = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        raise RunLockedError(
+            f"the run in {str(run_dir)!r} is in use by {holder}; wait for it to finish (or stop "
+            f"it), then resume"
+        ) from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+             f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    fh.flush()
+    return RunLock(path, fh)
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
+    """Delete the temporary files that an interrupted atomic write left in a run directory
+    (``.NAME.*.tmp``, see :func:`write_json`); call it only while holding the run's lock.
+    Returns what was removed."""
+    run_dir = Path(run_dir)
+    found = [p for d in (run_dir, run_dir / CHECKPOINT_DIR) if d.is_dir()
+             for p in d.glob(".*.tmp") if p.is_file()]
+    for p in found:
+        p.unlink()
+    return found
 
 
 def checkpoint_path(run_dir: str | Path, which: str = "last") -> Path:
@@ -254,10 +377,6 @@ class Run:
 
         return TrainConfig.from_dict(self.config)
 
-    def load_model(self, which: str = "best", device: str = "cpu") -> EmbeddingNet:
-        """See :func:`load_model`."""
-        return load_model(self.path, which=which, device=device)
-
 
 def load_run(run_dir: str | Path) -> Run:
     """Read the run in ``run_dir`` (config.json, metrics.jsonl, summary.json if finished)."""
@@ -302,23 +421,3 @@ def runs_table(runs: str | Path | Iterable[str | Path] = "runs") -> pd.DataFrame
                 row[f"{part}/{k}"] = v
         rows.append(row)
     return pd.DataFrame.from_records(rows)
-
-
-def load_model(run_dir: str | Path, which: str = "best", device: str = "cpu") -> EmbeddingNet:
-    """Rebuild the :class:`~dmlnb.model.EmbeddingNet` of a run with the weights of its
-    ``"best"`` (falls back to ``"last"`` when there is no best) or ``"last"`` checkpoint, in
-    eval mode on ``device``. Never downloads weights: the backbone is built with
-    ``pretrained=False`` and the run's weights are loaded over it."""
-    from dmlnb.train import build_model
-
-    run = load_run(run_dir)
-    config = run.train_config()
-    path = checkpoint_path(run.path, which)
-    if which == "best" and not path.exists():
-        path = checkpoint_path(run.path, "last")
-    if not path.exists():
-        raise FileNotFoundError(f"{run.path} has no checkpoint yet ({path.name} missing)")
-    state = load_checkpoint(path)
-    model = build_model(config, in_channels=int(state["in_channels"]), pretrained=False)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval()

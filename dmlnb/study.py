@@ -41,7 +41,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from dmlnb.defaults import SSR_FAMILIES, SSR_LEVELS, SSR_SIGMA
+from dmlnb.measure import intraclass_measures, measure_run, measure_untrained  # noqa: F401
+from dmlnb.runs import write_json
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "02_train.ipynb"
 HEADLINE_LOSSES = ("margin", "multisimilarity")
@@ -57,9 +58,6 @@ ABLATIONS: tuple[dict[str, Any], ...] = (
 )
 #: Fashion-MNIST has 5 training classes: 5 classes x 16 images per batch
 FASHION = {"dataset": "fashion_mnist", "batch_size": 80, "samples_per_class": 16}
-VIEW_IMAGES = 1000  # test images whose nested views measure view-ranking consistency
-VIEW_SEED = 0  # the images and the views' directions are the same for every run
-GLYPH_ATTRIBUTES = ("family", "weight", "italic", "category")
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "nmi", "f1")
 PAIRED_IN_REPORT = ("recall@1", "map@r", "r_precision", "nmi", "view_tau_metric", "view_tau_ssr",
                     "spread", "lift_family", "lift_weight")
@@ -96,126 +94,6 @@ def study_grid(quick: bool = False, fashion: bool = True) -> list[dict[str, Any]
         grid.append({**base, "dataset": "glyphs", "loss": "margin", "ssr": True, "seed": ab_seeds,
                      **{k: [v] if isinstance(v, list) else v for k, v in ab.items()}})
     return grid
-
-
-# ------------------------------------------------------------------------------------------------
-# Measuring a model
-# ------------------------------------------------------------------------------------------------
-def view_similarities(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    *,
-    levels: int = SSR_LEVELS,
-    families: Sequence[str] = SSR_FAMILIES,
-    sigma: float = SSR_SIGMA,
-    nested: bool = True,
-    seed: int = VIEW_SEED,
-    batch_size: int = 250,
-) -> dict[str, np.ndarray]:
-    """Cosine similarity of each image to its views of strength 1..N, in both embeddings.
-
-    Returns ``{"metric": [B, N], "ssr": [B, N]}`` with ``cos(z(x_b), z(v_n(x_b)))``. The views are
-    :func:`dmlnb.transforms.make_views` with a generator seeded by ``seed``, so that every model
-    is measured on the very same views.
-    """
-    from dmlnb.transforms import make_views
-
-    gen = torch.Generator().manual_seed(seed)
-    model.eval()
-    out: dict[str, list[np.ndarray]] = {"metric": [], "ssr": []}
-    with torch.no_grad():
-        for start in range(0, images.shape[0], batch_size):
-            x = images[start : start + batch_size]
-            views = make_views(x, levels=levels, families=tuple(families), sigma=sigma, nested=nested,
-                               generator=gen)
-            b = x.shape[0]
-            z, zs = model(torch.cat([x, views.flatten(0, 1)]), ssr=True)
-            for key, e in (("metric", z), ("ssr", zs)):
-                e = torch.nn.functional.normalize(e.float(), dim=1)
-                anchor, rest = e[:b], e[b:].view(b, levels, -1)
-                out[key].append(torch.einsum("bd,bnd->bn", anchor, rest).numpy())
-    return {k: np.concatenate(v) for k, v in out.items()}
-
-
-def _fixed_subset(n: int, k: int, seed: int = VIEW_SEED) -> np.ndarray:
-    return np.sort(np.random.default_rng(seed).choice(n, min(k, n), replace=False))
-
-
-def intraclass_measures(
-    model: torch.nn.Module,
-    test_dataset: Any,
-    embeddings: np.ndarray,
-    labels: np.ndarray,
-    *,
-    view_images: int = VIEW_IMAGES,
-) -> dict[str, float]:
-    """The three intra-class measures of a model on the test split (see the module docstring).
-
-    ``embeddings``/``labels`` are the test split's metric embeddings in dataset order.
-    """
-    from dmlnb.metrics import attribute_retrieval, intraclass_spread, view_ranking_consistency
-
-    out: dict[str, float] = {}
-    idx = _fixed_subset(len(test_dataset), view_images)
-    images = torch.stack([test_dataset[int(i)][0] for i in idx])
-    sims = view_similarities(model, images)
-    for key, s in sims.items():
-        vr = view_ranking_consistency(s)
-        out[f"view_pair_order_{key}"] = vr["pair_order"]
-        out[f"view_tau_{key}"] = vr["kendall_tau"]
-    spread = intraclass_spread(embeddings, labels)
-    out["spread"] = float(spread["ratio"] if isinstance(spread, dict) else spread)
-    meta = getattr(test_dataset, "metadata", None)
-    if meta is not None and all(a in meta.columns for a in GLYPH_ATTRIBUTES):
-        attrs = {a: meta[a].astype(str).to_numpy() for a in GLYPH_ATTRIBUTES}
-        for name, r in attribute_retrieval(embeddings, labels, attrs).items():
-            out[f"lift_{name}"] = r["lift"]
-            out[f"agreement_{name}"] = r["agreement"]
-            out[f"chance_{name}"] = r["chance"]
-    return out
-
-
-def _test_dataset(config: dict[str, Any]):
-    """The test split exactly as the run saw it (same options, same resize)."""
-    from dmlnb.config import TrainConfig
-    from dmlnb.train import load_split
-
-    cfg = TrainConfig.from_dict(config)
-    return load_split(cfg, cfg.test_split)
-
-
-def measure_run(run_dir: str | Path) -> dict[str, float]:
-    """Intra-class measures of a finished run (its test embeddings and its selected checkpoint).
-
-    Cached in ``RUN/intraclass.json``.
-    """
-    from dmlnb.runs import load_run
-
-    run_dir = Path(run_dir)
-    cache = run_dir / "intraclass.json"
-    if cache.exists():
-        return json.loads(cache.read_text())
-    run = load_run(run_dir)
-    emb = run.embeddings()
-    result = intraclass_measures(run.load_model(), _test_dataset(run.config), emb["embeddings"],
-                                 emb["labels"])
-    _write_json(cache, result)
-    return result
-
-
-def measure_untrained(config: dict[str, Any], seed: int) -> dict[str, float]:
-    """Test metrics and intra-class measures of the untrained network of ``config`` with ``seed``."""
-    from dmlnb.config import TrainConfig
-    from dmlnb.metrics import evaluate
-    from dmlnb.train import embed, seeded_model
-
-    cfg = TrainConfig.from_dict({**config, "seed": seed})
-    test = _test_dataset(config)
-    model = seeded_model(cfg, in_channels=test.channels).eval()
-    emb = embed(model, test)
-    row = dict(evaluate(emb["embeddings"], emb["labels"], ks=tuple(cfg.eval_ks), kmeans_seed=0))
-    row.update(intraclass_measures(model, test, emb["embeddings"], emb["labels"]))
-    return row
 
 
 # ------------------------------------------------------------------------------------------------
@@ -295,12 +173,6 @@ def _fmt_value(v: Any) -> str:
 # ------------------------------------------------------------------------------------------------
 # Running and reporting
 # ------------------------------------------------------------------------------------------------
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float) + "\n")
-    os.replace(tmp, path)
-
-
 def run_study(
     out: str | Path = "study",
     jobs: int = 2,
@@ -310,12 +182,17 @@ def run_study(
     notebook: str | Path = NOTEBOOK,
     grid: list[dict[str, Any]] | None = None,
     analyze_only: bool = False,
+    cell_timeout: float | None = None,
+    notebook_timeout: float | None = None,
     progress: bool = True,
 ) -> dict[str, pd.DataFrame]:
     """Run (or continue) the study into ``out`` and write its tables and figures.
 
     ``grid`` replaces :func:`study_grid` (tests use a miniature one). ``analyze_only`` trains
     nothing and reports the points finished so far (the others are listed as not finished).
+    ``cell_timeout`` / ``notebook_timeout``: seconds a cell / a whole training notebook may run
+    before the point is stopped and recorded as failed (default: ``02_train``'s,
+    :data:`dmlnb.execute.DEFAULT_TIMEOUTS`).
     """
     from dmlnb.sweep import collect, run_sweep
 
@@ -327,6 +204,7 @@ def run_study(
         table = collect(out / "runs")
     else:
         table = run_sweep(notebook, grid or study_grid(quick, fashion), out / "runs", jobs=jobs,
+                          cell_timeout=cell_timeout, notebook_timeout=notebook_timeout,
                           progress=progress)
     budget["sweep_s"] = round(time.perf_counter() - t0, 1)
     budget["sweep_points"] = int(len(table))
@@ -343,7 +221,6 @@ def run_study(
         rows.append(row)
     runs = pd.DataFrame(rows)
     runs = runs.rename(columns={c: c.split("/", 1)[1] for c in runs.columns if c.startswith("test/")})
-    runs = runs.rename(columns={c: c[len("test."):] for c in runs.columns if c.startswith("test.")})
     runs["setting"] = runs.apply(setting_name, axis=1)
     budget["measure_s"] = round(time.perf_counter() - t1, 1)
 
@@ -364,7 +241,7 @@ def run_study(
     paired.to_csv(out / "paired.csv", index=False)
     failed = runs[runs["status"] != "ok"]
     budget["total_s"] = round(time.perf_counter() - t0, 1)
-    _write_json(out / "budget.json", budget)
+    write_json(out / "budget.json", budget)
     (out / "results.md").write_text(render_markdown(settings, paired, failed, budget))
     write_figures(settings, out / "figures")
     return {"runs": runs, "settings": settings, "paired": paired}
@@ -400,7 +277,7 @@ def _untrained_rows(out: Path, table: pd.DataFrame, quick: bool) -> pd.DataFrame
                 if v is not None and not (isinstance(v, float) and math.isnan(v)):
                     config[k] = int(v) if k != "dataset_options" else v  # table columns hold floats
             result = measure_untrained(config, int(r["seed"]))
-            _write_json(cache, result)
+            write_json(cache, result)
         for loss in sorted(set(table[table.dataset == r["dataset"]]["loss"])):
             rows.append({"dataset": r["dataset"], "loss": loss, "seed": int(r["seed"]), "ssr": False,
                          "status": "ok", "setting": "untrained", **result})
@@ -499,12 +376,16 @@ def add_parser(subparsers) -> None:
     p.add_argument("--analyze-only", action="store_true",
                    help="train nothing; report the runs finished so far")
     p.add_argument("--readme", default=None, help="splice results.md into this README between markers")
+    from dmlnb.execute import add_timeout_flags
+
+    add_timeout_flags(p)
     p.set_defaults(func=_main)
 
 
 def _main(args) -> int:
     result = run_study(args.out, args.jobs, quick=args.quick, fashion=not args.no_fashion,
-                       analyze_only=args.analyze_only)
+                       analyze_only=args.analyze_only, cell_timeout=args.cell_timeout,
+                       notebook_timeout=args.notebook_timeout)
     if args.readme:
         splice_readme((Path(args.out) / "results.md").read_text(), Path(args.readme))
     failed = int((result["runs"]["status"] != "ok").sum())

@@ -15,11 +15,26 @@ Each point gets its own directory ``OUT/<point>/`` holding
 - ``run/``              the notebook's run directory (passed as the parameter ``run_dir``),
 - ``status.json``       ``{"status": "ok" | "failed", "error": ..., "seconds": ...}``.
 
-Points run in parallel (``jobs`` worker processes, each driving one Jupyter kernel). A failed point
-is recorded with its error and the others go on. Re-running the same sweep skips the points whose
-``status.json`` says ``ok`` (failed points are run again, in a fresh directory). :func:`collect`
-reads every point back into a :class:`pandas.DataFrame` — one row per point: its parameters, status,
-error and the scalars of its run's ``summary.json`` — and writes it to ``OUT/results.csv``.
+Points run in parallel (``jobs`` worker processes, each driving one Jupyter kernel through
+:func:`dmlnb.execute.run_notebook`, with its per-cell and overall timeouts). A failed point is
+recorded with its error and the others go on.
+
+Re-running the same sweep never throws work away:
+
+- a point whose ``status.json`` says ``ok`` is skipped;
+- a point that was **interrupted** (the sweep was stopped or killed while it ran, so it has no
+  status; or its worker process died) is **resumed** in place when the notebook has a ``resume``
+  parameter (``02_train`` has) and its run directory holds a run: the notebook runs again with
+  ``resume=True`` and continues from the run's last checkpoint (a run that already finished is
+  reused). The executed notebook of the interrupted attempt is kept as
+  ``notebook.interrupted-<n>.ipynb``. An interrupted point that cannot be resumed is moved aside;
+- a **failed** point's directory is moved aside to ``OUT/<point>.failed-<n>/`` (its notebook,
+  run, checkpoints and ``status.json`` with the error, as they were) and the point is run again
+  in a fresh directory. Nothing is deleted.
+
+:func:`collect` reads every point back into a :class:`pandas.DataFrame` — one row per point: its
+parameters, status, error and the scalars of its run's ``summary.json`` — and writes it to
+``OUT/results.csv`` (directories set aside are not rows).
 
 Command line: ``dmlnb sweep NOTEBOOK --grid grid.yaml --out DIR --jobs N``.
 """
@@ -33,7 +48,6 @@ import json
 import math
 import os
 import re
-import shutil
 import time
 import traceback
 from collections.abc import Iterable, Mapping, Sequence
@@ -45,6 +59,14 @@ from typing import Any
 import pandas as pd
 
 from dmlnb._validate import check_positive_int
+from dmlnb.execute import (
+    DEFAULT_KERNEL,
+    NotebookTimeoutError,
+    add_timeout_flags,
+    kill_processes,
+    run_notebook,
+)
+from dmlnb.runs import write_json
 
 __all__ = [
     "add_parser",
@@ -63,7 +85,6 @@ STATUS_FILE = "status.json"
 NOTEBOOK_FILE = "notebook.ipynb"
 RUN_SUBDIR = "run"
 RESULTS_FILE = "results.csv"
-DEFAULT_KERNEL = "python3"  # the kernel `make` installs into the venv (ipykernel --sys-prefix)
 _META_COLUMNS = ("point", "status", "error", "seconds")
 
 
@@ -131,17 +152,38 @@ def _canonical(params: Mapping[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
-def point_name(params: Mapping[str, Any], max_len: int = 80) -> str:
+def point_name(params: Mapping[str, Any], max_len: int = 80, digest: str | None = None) -> str:
     """A readable, unique directory name for a point: ``ssr=True,seed=0-1a2b3c4d``.
 
     The readable part (parameter ``name=value`` pairs, file-name-safe, cut at ``max_len``) is
-    followed by the first 8 hex digits of the SHA-1 of the point's canonical JSON, so two points
-    never share a directory and the same point always gets the same one.
+    followed by ``digest``, by default the first 8 hex digits of the SHA-1 of the point's
+    canonical JSON, so two points never share a directory and the same point always gets the
+    same one (:func:`point_names` names a grid's points by what varies).
     """
     readable = ",".join(f"{k}={v}" for k, v in params.items())
     readable = re.sub(r"[^A-Za-z0-9=,._+-]+", "_", readable)[:max_len].strip("_") or "point"
-    digest = hashlib.sha1(_canonical(params).encode()).hexdigest()[:8]
+    digest = digest or hashlib.sha1(_canonical(params).encode()).hexdigest()[:8]
     return f"{readable}-{digest}"
+
+
+def point_names(points: Sequence[Mapping[str, Any]], existing: Iterable[str] = ()) -> list[str]:
+    """Directory names of a grid's points, named by what varies across them.
+
+    The readable part lists only the parameters that take more than one value in the grid
+    (the rest are in each point's ``params.json``), e.g. ``ssr=True,seed=1-1a2b3c4d``; the
+    digest of the point's full parameters keeps names unique and stable. A point whose digest
+    already names a folder in ``existing`` (an earlier sweep of a smaller grid) keeps that
+    folder's name, so re-runs find their finished points whatever the grid grew to.
+    """
+    varying = [k for k in dict.fromkeys(k for p in points for k in p)
+               if len({_canonical({"v": p.get(k)}) for p in points}) > 1]
+    by_digest = {n.rsplit("-", 1)[-1]: n for n in existing if "-" in n}
+    names = []
+    for params in points:
+        digest = hashlib.sha1(_canonical(params).encode()).hexdigest()[:8]
+        shown = {k: params[k] for k in varying if k in params}
+        names.append(by_digest.get(digest) or point_name(shown, digest=digest))
+    return names
 
 
 # --- running -------------------------------------------------------------------------------------
@@ -152,15 +194,86 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
-
-
 def _is_done(point_dir: Path) -> bool:
     status = _read_json(point_dir / STATUS_FILE)
     return isinstance(status, dict) and status.get("status") == "ok"
+
+
+#: directories a re-run set aside: ``<point>.failed-<n>`` / ``<point>.interrupted-<n>``
+_ASIDE = re.compile(r"-[0-9a-f]{8}\.(failed|interrupted)-\d+$")
+
+
+def _point_state(pdir: Path) -> str:
+    """``"new"`` (absent, or never started), ``"done"``, ``"failed"`` or ``"interrupted"``."""
+    if not pdir.is_dir():
+        return "new"
+    status = _read_json(pdir / STATUS_FILE)
+    if isinstance(status, dict) and status.get("status") == "ok":
+        return "done"
+    if isinstance(status, dict) and status.get("status") == "failed":
+        return "interrupted" if status.get("interrupted") else "failed"
+    if any(p.name != PARAMS_FILE for p in pdir.iterdir()):
+        return "interrupted"  # started, never finished: the sweep was stopped or killed
+    return "new"
+
+
+def _free_name(path: Path, tag: str) -> Path:
+    """``path`` with ``.<tag>-<n>`` appended (before the suffix of a file), n the first unused."""
+    n = 1
+    while True:
+        name = (f"{path.stem}.{tag}-{n}{path.suffix}" if path.suffix and path.is_file()
+                else f"{path.name}.{tag}-{n}")
+        candidate = path.with_name(name)
+        if not candidate.exists():
+            return candidate
+        n += 1
+
+
+def _set_aside(path: Path, tag: str) -> Path:
+    target = _free_name(path, tag)
+    os.rename(path, target)  # same directory: atomic, nothing copied, nothing lost
+    return target
+
+
+def _notebook_parameters(notebook: Path) -> set[str]:
+    """The names in the notebook's ``parameters`` cell (empty if it cannot be read)."""
+    try:
+        import papermill as pm
+
+        return set(pm.inspect_notebook(str(notebook)))
+    except Exception:
+        return set()
+
+
+def _prepare_point(out: Path, name: str, params: dict[str, Any], run_dir_param: str | None,
+                   resume_param: str | None) -> tuple[bool, list[str]] | None:
+    """Make ``OUT/<name>`` ready to run; ``None`` if the point is done.
+
+    Returns ``(resume, kept)``: whether to run it with ``resume_param=True`` (an interrupted
+    point whose run can continue) and the names of what earlier attempts left, set aside."""
+    from dmlnb import runs
+
+    pdir = out / name
+    state = _point_state(pdir)
+    if state == "done":
+        return None
+    kept: list[str] = []
+    resume = False
+    if state == "failed":
+        kept.append(_set_aside(pdir, "failed").name)  # the error and the partial run stay there
+    elif state == "interrupted":
+        run = pdir / RUN_SUBDIR
+        run_used = run.is_dir() and any(run.iterdir())
+        if resume_param and run_dir_param and (not run_used or runs.is_run(run)):
+            resume = run_used
+            for leftover in (pdir / NOTEBOOK_FILE, pdir / STATUS_FILE):
+                if leftover.exists():
+                    kept.append(_set_aside(leftover, "interrupted").name)
+        else:  # nothing this notebook can continue: keep it all, start afresh
+            kept.append(_set_aside(pdir, "interrupted").name)
+    pdir.mkdir(parents=True, exist_ok=True)
+    write_json(pdir / PARAMS_FILE, params)
+    return resume, kept
 
 
 def _run_point(
@@ -170,9 +283,13 @@ def _run_point(
     kernel_name: str,
     run_dir_param: str | None,
     threads: int | None,
-    timeout: float | None,
+    cell_timeout: float | None,
+    notebook_timeout: float | None,
+    resume_param: str | None = None,
+    kept: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Execute one point (in a worker process); never raises, returns its status record."""
+    """Execute one point (in a worker process); never raises an Exception, returns its status
+    record (an interruption, KeyboardInterrupt, propagates and leaves the point without status)."""
     import papermill as pm
 
     if threads is not None:  # the kernel inherits this process's environment
@@ -182,20 +299,24 @@ def _run_point(
     inject = dict(params)
     if run_dir_param:
         inject[run_dir_param] = str((pdir / RUN_SUBDIR).resolve())
+    if resume_param:
+        inject[resume_param] = True
     start = time.perf_counter()
     status: dict[str, Any] = {"status": "ok", "error": None}
     try:
-        pm.execute_notebook(
+        run_notebook(
             notebook,
-            str(pdir / NOTEBOOK_FILE),
-            parameters=inject,
+            pdir / NOTEBOOK_FILE,
+            inject,
             kernel_name=kernel_name,
-            progress_bar=False,
-            cwd=str(Path(notebook).resolve().parent),
-            execution_timeout=timeout,
+            cwd=Path(notebook).resolve().parent,
+            cell_timeout=cell_timeout,
+            notebook_timeout=notebook_timeout,
         )
     except pm.PapermillExecutionError as err:
         status = {"status": "failed", "error": f"{err.ename}: {err.evalue}".strip()}
+    except NotebookTimeoutError as err:
+        status = {"status": "failed", "error": f"NotebookTimeoutError: {err}", "timeout": err.scope}
     except Exception as err:  # a kernel that dies, a bad notebook: recorded, the sweep goes on
         status = {
             "status": "failed",
@@ -203,7 +324,11 @@ def _run_point(
             "traceback": traceback.format_exc(limit=5),
         }
     status["seconds"] = round(time.perf_counter() - start, 3)
-    _write_json(pdir / STATUS_FILE, status)
+    if resume_param:
+        status["resumed"] = True
+    if kept:
+        status["earlier_attempts"] = list(kept)
+    write_json(pdir / STATUS_FILE, status)
     return status
 
 
@@ -215,7 +340,10 @@ def run_sweep(
     *,
     kernel_name: str = DEFAULT_KERNEL,
     run_dir_param: str | None = "run_dir",
+    resume_param: str | None = "resume",
     threads_per_job: int | None = None,
+    cell_timeout: float | None = None,
+    notebook_timeout: float | None = None,
     timeout: float | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
@@ -236,11 +364,19 @@ def run_sweep(
     run_dir_param : str or None, default "run_dir"
         The notebook parameter that receives the point's run directory ``OUT/<point>/run``;
         ``None`` injects nothing.
+    resume_param : str or None, default "resume"
+        The notebook parameter set to ``True`` to continue an interrupted point's run (used only
+        if the notebook's parameters cell has it); ``None``: interrupted points are moved aside
+        and run afresh instead.
     threads_per_job : int, optional
         ``OMP_NUM_THREADS`` for each kernel; default ``max(1, os.cpu_count() // jobs)`` so that
         parallel points do not oversubscribe the cores.
+    cell_timeout, notebook_timeout : float, optional
+        Seconds one cell, and one point's whole execution, may take before its kernel is stopped
+        and the point recorded as failed (:func:`dmlnb.execute.run_notebook`); default: the
+        notebook's (:data:`dmlnb.execute.DEFAULT_TIMEOUTS`).
     timeout : float, optional
-        Per-cell execution timeout in seconds (papermill's ``execution_timeout``).
+        The former name of ``cell_timeout``, still accepted.
     progress : bool, default True
         Print one line per finished point.
 
@@ -253,6 +389,8 @@ def run_sweep(
     if not notebook.is_file():
         raise ValueError(f"notebook={str(notebook)!r} does not exist")
     jobs = check_positive_int("jobs", jobs)
+    if cell_timeout is None:
+        cell_timeout = timeout
     points = load_grid(grid) if isinstance(grid, (str, os.PathLike)) else expand_grid(grid)
     if run_dir_param and any(run_dir_param in p for p in points):
         raise ValueError(
@@ -262,59 +400,69 @@ def run_sweep(
     out.mkdir(parents=True, exist_ok=True)
     if threads_per_job is None:
         threads_per_job = max(1, (os.cpu_count() or 1) // jobs)
+    if resume_param and resume_param not in _notebook_parameters(notebook):
+        resume_param = None  # this notebook cannot continue a run: interrupted points start afresh
 
-    todo: list[tuple[str, dict[str, Any]]] = []
-    for params in points:
-        name = point_name(params)
-        pdir = out / name
-        if _is_done(pdir):
-            continue
-        if pdir.exists():  # a failed or interrupted earlier attempt: start it afresh
-            shutil.rmtree(pdir)
-        pdir.mkdir(parents=True)
-        _write_json(pdir / PARAMS_FILE, params)
-        todo.append((name, params))
+    todo: list[tuple[str, dict[str, Any], bool, list[str]]] = []
+    names = point_names(points, existing=[p.name for p in out.iterdir() if p.is_dir()])
+    for params, name in zip(points, names, strict=True):
+        prepared = _prepare_point(out, name, params, run_dir_param, resume_param)
+        if prepared is not None:
+            todo.append((name, params, *prepared))
     if progress:
+        n_resumed = sum(1 for t in todo if t[2])
+        n_aside = sum(len(t[3]) for t in todo)
         print(f"sweep: {len(points)} points, {len(points) - len(todo)} already done, "
-              f"{len(todo)} to run with {jobs} job(s)", flush=True)
+              f"{len(todo)} to run with {jobs} job(s)"
+              + (f" ({n_resumed} resumed from their checkpoints)" if n_resumed else "")
+              + (f"; {n_aside} earlier attempt(s) kept aside" if n_aside else ""), flush=True)
 
     args = [
-        (str(notebook), str(out / name), params, kernel_name, run_dir_param, threads_per_job, timeout)
-        for name, params in todo
+        (str(notebook), str(out / name), params, kernel_name, run_dir_param, threads_per_job,
+         cell_timeout, notebook_timeout, resume_param if resume else None, kept)
+        for name, params, resume, kept in todo
     ]
 
     def report(i: int, name: str, status: dict[str, Any]) -> None:
         if progress:
             msg = status["status"] + (f" ({status['error']})" if status.get("error") else "")
-            print(f"sweep: [{i}/{len(todo)}] {name}: {msg} in {status['seconds']:.1f} s", flush=True)
+            how = " (resumed)" if status.get("resumed") else ""
+            print(f"sweep: [{i}/{len(todo)}] {name}{how}: {msg} in {status['seconds']:.1f} s",
+                  flush=True)
 
-    if jobs == 1 or len(todo) <= 1:
-        for i, a in enumerate(args, 1):
-            report(i, Path(a[1]).name, _run_point(*a))
-    else:
-        # spawn: workers start clean (no forked torch/zmq state); each only drives papermill
-        pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"))
-        previous = _raise_on_sigterm()
-        try:
-            futures = {pool.submit(_run_point, *a): Path(a[1]).name for a in args}
-            for i, fut in enumerate(as_completed(futures), 1):
-                name = futures[fut]
-                try:
-                    status = fut.result()
-                except Exception as err:  # the worker process itself died
-                    status = {"status": "failed", "error": f"{type(err).__name__}: {err}",
-                              "seconds": math.nan}
-                    _write_json(out / name / STATUS_FILE, status)
-                report(i, name, status)
-        except BaseException:
-            # interrupted (Ctrl-C, SIGTERM): stop the workers *and their kernels*, so that nothing
-            # keeps writing into the sweep; unfinished points are re-run by the next call
-            _kill_workers(pool)
-            raise
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            _restore_sigterm(previous)
+    previous = _raise_on_sigterm()  # SIGTERM stops the kernels too; the points stay resumable
+    try:
+        if jobs == 1 or len(todo) <= 1:
+            for i, a in enumerate(args, 1):
+                report(i, Path(a[1]).name, _run_point(*a))
+        else:
+            _run_parallel(args, jobs, out, report)
+    finally:
+        _restore_sigterm(previous)
     return collect(out)
+
+
+def _run_parallel(args: list[tuple], jobs: int, out: Path, report) -> None:
+    # spawn: workers start clean (no forked torch/zmq state); each only drives papermill
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"))
+    try:
+        futures = {pool.submit(_run_point, *a): Path(a[1]).name for a in args}
+        for i, fut in enumerate(as_completed(futures), 1):
+            name = futures[fut]
+            try:
+                status = fut.result()
+            except Exception as err:  # the worker process itself died (it, or one beside it)
+                status = {"status": "failed", "error": f"{type(err).__name__}: {err}",
+                          "seconds": math.nan, "interrupted": True}  # resumed by the next run
+                write_json(out / name / STATUS_FILE, status)
+            report(i, name, status)
+    except BaseException:
+        # interrupted (Ctrl-C, SIGTERM): stop the workers *and their kernels*, so that nothing
+        # keeps writing into the sweep; unfinished points are resumed by the next call
+        _kill_workers(pool)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _raise_on_sigterm():
@@ -349,22 +497,18 @@ def _kill_workers(pool: ProcessPoolExecutor) -> None:
             procs += parent.children(recursive=True) + [parent]
         except psutil.NoSuchProcess:
             continue
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
+    kill_processes(procs)
 
 
 # --- collecting ----------------------------------------------------------------------------------
 def _flatten(obj: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> ``{"a.b": scalar}``; lists of scalars are kept only if short (as JSON)."""
+    """Nested dicts -> ``{"a/b": scalar}`` (the column convention of :func:`dmlnb.runs.runs_table`:
+    ``test/map@r``); lists of scalars are kept only if short (as JSON)."""
     flat: dict[str, Any] = {}
     for key, value in obj.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, name + "."))
+            flat.update(_flatten(value, name + "/"))
         elif isinstance(value, (list, tuple)):
             if len(value) <= 8 and all(isinstance(v, (int, float, str, bool)) for v in value):
                 flat[name] = json.dumps(value)
@@ -389,10 +533,12 @@ def collect(out: str | os.PathLike, write: bool = True) -> pd.DataFrame:
 
     Columns: ``point``, ``status`` (``ok``, ``failed`` or ``pending``), ``error``, ``seconds``,
     then the point's parameters, then the scalars of its run's ``summary.json`` (nested keys
-    joined with ``.``; a metric that collides with a parameter name gets the prefix ``summary.``;
+    joined with ``/`` as in :func:`dmlnb.runs.runs_table`; a metric that collides with a parameter
+    name gets the prefix ``summary/``;
     the keys in :data:`SUMMARY_SKIP` are left out: the point's parameters already say them).
-    Rows are sorted by point name. With ``write=True`` the table is also written to
-    ``OUT/results.csv``.
+    Rows are sorted by point name; the directories of earlier attempts that a re-run set aside
+    (``<point>.failed-<n>``, ``<point>.interrupted-<n>``) are not rows. With ``write=True`` the
+    table is also written to ``OUT/results.csv``.
     """
     out = Path(out)
     if not out.is_dir():
@@ -400,7 +546,8 @@ def collect(out: str | os.PathLike, write: bool = True) -> pd.DataFrame:
     rows: list[dict[str, Any]] = []
     param_cols: list[str] = []
     metric_cols: list[str] = []
-    for pdir in sorted(p for p in out.iterdir() if (p / PARAMS_FILE).is_file()):
+    for pdir in sorted(p for p in out.iterdir()
+                       if (p / PARAMS_FILE).is_file() and not _ASIDE.search(p.name)):
         params = _read_json(pdir / PARAMS_FILE) or {}
         status = _read_json(pdir / STATUS_FILE) or {"status": "pending"}
         row: dict[str, Any] = {
@@ -418,7 +565,7 @@ def collect(out: str | os.PathLike, write: bool = True) -> pd.DataFrame:
         if isinstance(summary, Mapping):
             kept = {k: v for k, v in summary.items() if k not in SUMMARY_SKIP}
             for k, v in _flatten(kept).items():
-                col = k if k not in params and k not in _META_COLUMNS else f"summary.{k}"
+                col = k if k not in params and k not in _META_COLUMNS else f"summary/{k}"
                 if col not in metric_cols:
                     metric_cols.append(col)
                 row[col] = v
@@ -483,7 +630,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         description=(
             "Execute NOTEBOOK once per point of the grid (papermill), JOBS at a time; one directory "
             "per point under OUT with the executed notebook and its run; points already done are "
-            "skipped; failed points are recorded with their error. Writes OUT/results.csv."
+            "skipped, interrupted ones resumed from their checkpoints, failed ones moved aside to "
+            "OUT/<point>.failed-<n> and run again; failures are recorded with their error. "
+            "Writes OUT/results.csv."
         ),
     )
     p.add_argument("notebook", help="the notebook to execute (first code cell tagged 'parameters')")
@@ -494,7 +643,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--kernel", default=DEFAULT_KERNEL, help=f"Jupyter kernel (default {DEFAULT_KERNEL})")
     p.add_argument("--run-dir-param", default="run_dir",
                    help="notebook parameter receiving each point's run directory ('' for none)")
-    p.add_argument("--timeout", type=float, default=None, help="per-cell timeout in seconds")
+    add_timeout_flags(p, legacy_timeout_flag=True)
     p.set_defaults(func=_main)
     return p
 
@@ -507,7 +656,8 @@ def _main(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         kernel_name=args.kernel,
         run_dir_param=args.run_dir_param or None,
-        timeout=args.timeout,
+        cell_timeout=args.cell_timeout,
+        notebook_timeout=args.notebook_timeout,
     )
     n_failed = int((table["status"] != "ok").sum())
     print(f"sweep: {len(table) - n_failed} ok, {n_failed} failed; table: "

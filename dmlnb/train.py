@@ -1,39 +1,40 @@
-"""``fit(config)``: deep metric learning with self-supervised ranking (Fu et al., AAAI 2021).
+"""``fit(config)``: train an embedding with ``L = L_metric + gamma * L_rank`` and evaluate it.
 
-One iteration (PAPER.md, "The ranking objective" and "Cost control")::
+The loop: optimisation (AdamW with parameter groups, a per-iteration schedule), checkpoints,
+resume, the NaN guard and logging. The paper's method itself (the coin, the picks, the views and
+``L_rank``) is :class:`dmlnb.ssr.SSRBranch`; the parts built from a config (data, model, losses,
+the embedding pass) come from :mod:`dmlnb.experiment`; processes and devices from
+:mod:`dmlnb.distributed`; the run directory from :mod:`dmlnb.runs`.
 
-    x, y   <- one class-balanced batch (B images, B / m classes x m images)
-    fire   <- coin with probability p (a fresh coin per iteration, from the run's generator)
-    if fire:
-        I      <- M of the B images (random, from the run's generator)
-        V      <- make_views(x[I], N levels)                    [M, N, C, H, W], on the device
-        z, z'  <- model(cat(x, V))                               ONE backbone pass, B + M N images
-        L      = L_metric(z[:B], y) + gamma * L_rank(z'[I], z'[B:].view(M, N, d))
-    else:
-        L      = L_metric(model(x), y)
+One iteration::
+
+    draw   <- ssr.draw(x)                          coin, M picks, N views (when the coin fires)
+    z, z'  <- model(draw.inputs(x))                ONE backbone pass, B (+ M N) images
+    L      = L_metric(z[:B], y) [+ gamma L_rank(z')]
     one backward of L, one AdamW step, one scheduler step
 
-Everything random comes from ``config.seed``: the coin, the picks, the views and the loss's
-sampling from one ``torch.Generator``; the class-balanced sampler from ``(seed, epoch)``. Two
+Everything random comes from ``config.seed``, one stream per job (:func:`random_stream`): the
+loss's sampling, the SSR coin, the SSR picks and views; the class-balanced sampler from
+``(seed, epoch)``. So a baseline and an SSR run with one seed differ only through SSR. Two
 places need torch's global generator (module initialisers and the per-image augmentation
 pipeline take none): they run under :func:`torch.random.fork_rng` seeded from the run, which
-restores the caller's global state afterwards (:func:`seeded_model`, :class:`_Seeded`). So the
-same seed on the CPU gives the same metrics, and a run interrupted and resumed from its last
-checkpoint gives the same metrics as an uninterrupted one.
+restores the caller's global state afterwards. So the same seed on the CPU gives the same
+metrics, and a run interrupted and resumed from its last checkpoint gives the same metrics as an
+uninterrupted one.
 
-Model selection is on the class-disjoint validation split (never on the test classes); the test
-split is evaluated once at the end, with the best validation checkpoint (``eval_checkpoint="best"``,
-default) or the last one. Under ``torchrun`` (several processes) the metric loss sees the global
-batch: embeddings and labels are all-gathered, the local part keeping its gradient; only rank 0
-writes the run directory.
+Everything that can be checked is checked before the run directory exists: the config, the
+registries, the data (its options, root and batch layout) and the model (weights available).
+The run directory is locked for the whole run (:func:`dmlnb.runs.lock_run_dir`), so a second
+process on the same run is refused. Model selection is on the class-disjoint validation split
+(never on the test classes); the test split is evaluated once at the end, with the best
+validation checkpoint (``eval_checkpoint="best"``, default) or the last one. Under ``torchrun``
+the metric loss sees the global batch (embeddings and labels all-gathered, the local part keeping
+its gradient); only rank 0 writes the run directory.
 """
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 import math
-import os
 import platform
 import sys
 import time
@@ -48,16 +49,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dmlnb import runs
-from dmlnb.config import TrainConfig, coerce_config
-from dmlnb.defaults import KMEANS_SEED
+from dmlnb import experiment, runs
+from dmlnb.config import TrainConfig
+from dmlnb.distributed import (
+    ProcessGroup,
+    all_reduce_mean,
+    autocast,
+    average_loss_gradients,
+    gather_labels,
+    gather_with_grad,
+    resolve_device,
+    setup_distributed,
+)
+from dmlnb.ssr import SSRBranch, gradient_ratio, probe, ssr_head_parameters
 
-__all__ = [
-    "FitResult", "fit", "evaluate_run", "build_model", "seeded_model", "build_metric_loss",
-    "build_ranking_loss", "embed", "load_split", "resolve_device", "gather_with_grad",
-]
+__all__ = ["FitResult", "Trainer", "fit", "fit_or_reuse", "param_groups"]
 
-_RESUMABLE_CHANGES = frozenset(
+RESUMABLE_CHANGES = frozenset(
     {"resume", "quiet", "device", "num_workers", "run_dir", "runs_root", "eval_batch_size",
      "log_every"}
 )  # fields that may differ between a run's config.json and the config that resumes it
@@ -79,154 +87,20 @@ class FitResult:
     summary: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
-# --- devices and processes -----------------------------------------------------------------------
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> cuda if available, else mps if available, else cpu; others are checked."""
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but CUDA is not available here; use device='cpu' "
-                         f"or 'auto'")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) is not None
-                                and torch.backends.mps.is_available()):
-        raise ValueError("device='mps' but Apple MPS is not available here; use 'cpu' or 'auto'")
-    return torch.device(device)
+# --- random streams and batches ------------------------------------------------------------------
+def random_stream(seed: int, name: str, rank: int = 0) -> torch.Generator:
+    """An independent ``torch.Generator`` for the job ``name`` of a run with ``seed`` (and of
+    process ``rank``): seeded from ``numpy.random.SeedSequence([seed, crc32(name), rank])``."""
+    import zlib
 
-
-@dataclass
-class _Dist:
-    """The process group this run is part of (world_size 1: not distributed)."""
-
-    world_size: int = 1
-    rank: int = 0
-    local_rank: int = 0
-    owns_group: bool = False
-
-    @property
-    def active(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _setup_distributed(device: str) -> _Dist:
-    """Join the process group that ``torchrun`` describes (WORLD_SIZE > 1), if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if dist.is_available() and dist.is_initialized():
-        return _Dist(dist.get_world_size(), dist.get_rank(),
-                     int(os.environ.get("LOCAL_RANK", dist.get_rank())), False)
-    if world <= 1:
-        return _Dist()
-    rank = int(os.environ["RANK"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    backend = "nccl" if use_cuda else "gloo"
-    if use_cuda:
-        torch.cuda.set_device(local)
-    dist.init_process_group(backend=backend)
-    return _Dist(world, rank, local, True)
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by ``factor``."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:  # type: ignore[override]
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return grad * ctx.factor, None
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """All-gather ``x`` [b, ...] from every rank into [world * b, ...] (rank order).
-
-    The local block keeps its autograd graph; the other ranks' blocks are constants. Because
-    every rank then computes the same global loss and DistributedDataParallel *averages* the
-    gradients over ranks, the local block's gradient is scaled by the world size: the averaged
-    gradient is then exactly that of the global loss (the "concat trick" of SimCLR / MoCo code,
-    which needs no reduce-scatter and so works with gloo). Outside a process group: ``x``.
-    """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    world, rank = dist.get_world_size(), dist.get_rank()
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.detach().contiguous())
-    parts[rank] = _ScaleGrad.apply(x, float(world)) if x.requires_grad else x
-    return torch.cat(parts, dim=0)
-
-
-# --- data ----------------------------------------------------------------------------------------
-def load_split(cfg: TrainConfig, split: str, train: bool = False) -> torch.utils.data.Dataset:
-    """Load ``split`` as float ``[C, H, W]`` images in [0, 1] of side ``image_size``.
-
-    In-memory sets (glyphs, Fashion-MNIST, digits) are resized once at load time (their
-    ``image_size`` option); with ``augment`` the training split gets the field's random
-    pipeline on tensors (Resize -> RandomCrop -> flip, no flip for character data). Sets read
-    from files (CUB, Cars, SOP, folders) get :func:`dmlnb.data.preprocess.build_transform`:
-    train (with ``augment``) or test pipeline at ``crop = image_size``, ``resize =
-    resize_for(image_size)`` (256 for 224). A training split with a random pipeline is wrapped
-    in :class:`_Seeded` so its randomness comes from the run's seed. ``dataset_options`` given
-    by the user win over these choices.
-    """
-    from dmlnb.data import dataset_info, load_dataset
-    from dmlnb.data.preprocess import build_transform, resize_for
-
-    options = dict(cfg.dataset_options)
-    from_files = dataset_info(cfg.dataset).needs_root
-    augment = train and cfg.augment
-    if from_files:
-        options.setdefault("transform", build_transform(
-            augment, resize=resize_for(cfg.image_size), crop=cfg.image_size))
-    else:
-        options.setdefault("image_size", cfg.image_size)
-        if augment:
-            flip = cfg.dataset not in _CHIRAL_DATASETS
-            options.setdefault("transform", build_transform(
-                True, resize=resize_for(cfg.image_size), crop=cfg.image_size, flip=flip))
-    ds = load_dataset(cfg.dataset, split, cfg.data_root, **options)
-    return _Seeded(ds) if augment else ds
-
-
-# characters: a mirrored b is a d, so no horizontal flip for them (DECISION)
-_CHIRAL_DATASETS = frozenset({"glyphs", "digits"})
-
-
-class _Seeded(torch.utils.data.Dataset):
-    """A training set whose items are requested as ``(index, seed)``: the dataset's own random
-    pipeline runs under :func:`torch.random.fork_rng` seeded with ``seed`` (the global RNG
-    state is saved before and restored after, so nothing leaks). Augmentation is then a pure
-    function of the run's seed, the epoch and the position in it, whatever the number of loader
-    workers and wherever a resumed run restarts."""
-
-    def __init__(self, base):
-        self.base = base
-        for name in ("labels", "classes", "channels", "metadata", "image_size"):
-            if hasattr(base, name):
-                setattr(self, name, getattr(base, name))
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, key):
-        index, seed = key if isinstance(key, tuple) else (key, 0)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.base[index]
+    state = np.random.SeedSequence([seed, zlib.crc32(name.encode()), rank]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 class _EpochBatches(torch.utils.data.Sampler):
     """The batches of one epoch of the class-balanced sampler, from batch ``skip`` on, capped at
     ``limit`` batches; with ``seeds`` each index comes paired with a per-image seed drawn from
-    ``(run seed, epoch)`` (see :class:`_Seeded`)."""
+    ``(run seed, epoch)`` (see :class:`~dmlnb.experiment.SeededDataset`)."""
 
     def __init__(self, sampler, epoch: int, skip: int, limit: int, seeds: bool, seed: int):
         self.sampler, self.epoch, self.skip, self.limit = sampler, epoch, skip, limit
@@ -247,64 +121,29 @@ class _EpochBatches(torch.utils.data.Sampler):
             yield [(int(j), int(s)) for j, s in zip(batch, draws, strict=True)] if self.seeds else list(batch)
 
 
-def _make_sampler(cfg: TrainConfig, labels: np.ndarray, d: _Dist):
+def _make_sampler(cfg: TrainConfig, labels: np.ndarray, d: ProcessGroup):
     from dmlnb.data.sampler import ClassBalancedBatchSampler
 
-    return ClassBalancedBatchSampler(
-        labels, cfg.classes_per_batch, cfg.samples_per_class, seed=cfg.seed,
-        num_replicas=d.world_size, rank=d.rank,
-    )
+    try:
+        return ClassBalancedBatchSampler(
+            labels, cfg.classes_per_batch, cfg.samples_per_class, seed=cfg.seed,
+            num_replicas=d.world_size, rank=d.rank,
+        )
+    except ValueError as err:  # say it in the config's words
+        n = len(np.unique(labels))
+        if cfg.classes_per_batch % d.world_size:
+            raise ValueError(f"batch_size / samples_per_class = {cfg.classes_per_batch} classes "
+                             f"per batch must be divisible by the {d.world_size} processes") from None
+        raise ValueError(
+            f"batch_size={cfg.batch_size} with samples_per_class={cfg.samples_per_class} asks for "
+            f"{cfg.classes_per_batch} distinct classes per batch, but the {cfg.train_split!r} "
+            f"split of {cfg.dataset!r} cannot fill one ({n} classes); lower batch_size to at "
+            f"most {n * cfg.samples_per_class} (or samples_per_class)"
+        ) from err
 
 
-# --- model, losses, optimiser ----------------------------------------------------------------------
-def build_model(cfg: TrainConfig, in_channels: int, pretrained: bool | None = None) -> nn.Module:
-    """The :class:`dmlnb.model.EmbeddingNet` of ``cfg`` (``pretrained`` overrides the config:
-    :func:`dmlnb.runs.load_model` passes False since it loads the run's weights anyway)."""
-    from dmlnb.model import EmbeddingNet
-
-    return EmbeddingNet(
-        backbone=cfg.backbone, embed_dim=cfg.embed_dim, ssr_dim=cfg.ssr_dim,
-        ssr_hidden=cfg.ssr_hidden, pretrained=cfg.pretrained if pretrained is None else pretrained,
-        pooling=cfg.pooling, freeze_bn=cfg.freeze_bn, in_channels=in_channels,
-        freeze_stages=cfg.freeze_stages,
-    )
-
-
-def seeded_model(cfg: TrainConfig, in_channels: int, pretrained: bool | None = None) -> nn.Module:
-    """:func:`build_model` with its random initialisation drawn from ``cfg.seed``.
-
-    torch's module initialisers take no generator, so the model is built under
-    :func:`torch.random.fork_rng` seeded with ``cfg.seed``: the global CPU RNG state is saved
-    before and restored after (the caller's random state is left as it was).
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return build_model(cfg, in_channels, pretrained)
-
-
-def build_metric_loss(cfg: TrainConfig, num_classes: int, generator: torch.Generator) -> nn.Module:
-    """The DML loss of ``cfg`` drawing from the run's ``generator``; a loss that needs the
-    number of training classes or the embedding size (Proxy-Anchor) gets them."""
-    from dmlnb.losses import LOSSES, build_loss
-
-    params = {"generator": generator, **cfg.loss_params}
-    needed = inspect.signature(LOSSES[cfg.loss].__init__).parameters
-    for name, value in (("num_classes", num_classes), ("embed_dim", cfg.embed_dim)):
-        if (name in needed and needed[name].default is inspect.Parameter.empty
-                and name not in params):
-            params[name] = value
-    return build_loss(cfg.loss, **params)
-
-
-def build_ranking_loss(cfg: TrainConfig) -> nn.Module:
-    """The paper's :class:`dmlnb.losses.RankingLoss` with the config's s, alpha, beta, lambda_r."""
-    from dmlnb.losses import RankingLoss
-
-    return RankingLoss(scale=cfg.rank_scale, alpha=cfg.rank_alpha, beta=cfg.rank_beta,
-                       pos_weight=cfg.rank_pos_weight, pairs=cfg.ssr_pairs)
-
-
-def _param_groups(cfg: TrainConfig, model: nn.Module, loss: nn.Module) -> list[dict]:
+# --- optimiser -----------------------------------------------------------------------------------
+def param_groups(cfg: TrainConfig, model: nn.Module, loss: nn.Module) -> list[dict]:
     """Backbone at ``lr``, heads at ``lr * head_lr_mult``, loss parameters at the loss's rate."""
     groups = []
     backbone = [p for p in model.backbone_parameters() if p.requires_grad]
@@ -342,94 +181,6 @@ def _lr_factor(cfg: TrainConfig, total_steps: int):
     return factor
 
 
-def _ssr_head_parameters(model: nn.Module) -> list[nn.Parameter]:
-    for name in ("ssr_head", "ssr"):
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Module):
-            return list(head.parameters())
-    return []
-
-
-# --- embedding and evaluation --------------------------------------------------------------------
-def _forward(model: nn.Module, x: torch.Tensor, ssr: bool):
-    out = model(x, ssr=ssr)
-    if isinstance(out, tuple):
-        return out if ssr else (out[0], None)
-    return out, None
-
-
-@torch.no_grad()
-def embed(
-    model: nn.Module,
-    dataset,
-    *,
-    batch_size: int = 500,
-    device: str | torch.device = "cpu",
-    num_workers: int = 0,
-    amp: str = "none",
-    ssr: bool = False,
-    quiet: bool = True,
-    desc: str = "embed",
-) -> dict[str, np.ndarray]:
-    """Metric embeddings (and SSR embeddings with ``ssr``) of every item of ``dataset``, in
-    order, with the model in eval mode: ``{"embeddings", "labels", "indices"[, "ssr"]}``."""
-    from tqdm.auto import tqdm
-
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-        pin_memory=device.type == "cuda", generator=_loader_generator(0, 0),
-    )
-    embs, ssrs, labels = [], [], []
-    try:
-        for x, y in tqdm(loader, desc=desc, leave=False, disable=quiet):
-            x = x.to(device, non_blocking=True)
-            with _autocast(device, amp):
-                z, zs = _forward(model, x, ssr)
-            embs.append(z.float().cpu())
-            labels.append(torch.as_tensor(y).cpu())
-            if ssr:
-                ssrs.append(zs.float().cpu())
-    finally:
-        model.train(was_training)
-    out = {
-        "embeddings": torch.cat(embs).numpy(),
-        "labels": torch.cat(labels).numpy().astype(np.int64),
-        "indices": np.arange(len(dataset), dtype=np.int64),
-    }
-    if ssr:
-        out["ssr"] = torch.cat(ssrs).numpy()
-    return out
-
-
-def _loader_generator(seed: int, epoch: int) -> torch.Generator:
-    """A DataLoader draws its workers' base seed from a generator when it starts an epoch; give
-    it one of its own so that torch's global generator is left alone."""
-    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
-
-
-def _metrics(emb: dict[str, np.ndarray], cfg: TrainConfig, full: bool) -> dict[str, float]:
-    from dmlnb.metrics import evaluate
-
-    include = None
-    if not full:  # validation: skip KMeans unless selection needs it
-        include = ["recall@1", "r_precision", "map@r"]
-        if cfg.select_metric not in include:
-            include.append(cfg.select_metric)
-    ks = cfg.eval_ks if full else (1,)
-    return evaluate(emb["embeddings"], emb["labels"], ks=ks, include=include,
-                    kmeans_seed=KMEANS_SEED)
-
-
-def _autocast(device: torch.device, amp: str):
-    if amp == "none" or device.type != "cuda":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
-
-
 # --- the run --------------------------------------------------------------------------------------
 def _versions() -> dict[str, str]:
     import dmlnb
@@ -445,24 +196,29 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _check_resume_config(saved: Mapping[str, Any], cfg: TrainConfig, run_dir: Path) -> None:
+def _resume_problems(saved: Mapping[str, Any], cfg: TrainConfig) -> list[str]:
     now = cfg.to_dict()
-    differ = sorted(k for k in now if k not in _RESUMABLE_CHANGES and saved.get(k) != now[k])
+    return [f"{k}: run has {saved.get(k)!r}, given {now[k]!r}" for k in sorted(now)
+            if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+
+
+def _check_resume_config(saved: Mapping[str, Any], cfg: TrainConfig, run_dir: Path) -> None:
+    differ = _resume_problems(saved, cfg)
     if differ:
-        detail = ", ".join(f"{k}: run has {saved.get(k)!r}, given {now[k]!r}" for k in differ)
         raise ValueError(
-            f"resume=True but the config differs from the run in {str(run_dir)!r} in {detail}; "
-            f"resume with the run's own config (or only change: {', '.join(sorted(_RESUMABLE_CHANGES))})"
+            f"resume=True but the config differs from the run in {str(run_dir)!r} in "
+            f"{', '.join(differ)}; resume with the run's own config (or only change: "
+            f"{', '.join(sorted(RESUMABLE_CHANGES))}), or start a new run (run_dir=None)"
         )
 
 
-class _Trainer:
+class Trainer:
     """State of one :func:`fit` call; the public surface is :func:`fit`."""
 
     def __init__(self, cfg: TrainConfig, stop_after_steps: int | None):
         self.cfg = cfg
         self.stop_after_steps = stop_after_steps
-        self.d = _setup_distributed(cfg.device)
+        self.d = setup_distributed(cfg.device)
         if self.d.active and cfg.device in ("auto", "cuda") and torch.cuda.is_available():
             self.device = torch.device("cuda", self.d.local_rank)
         else:
@@ -473,14 +229,35 @@ class _Trainer:
                           f"{self.device.type}", stacklevel=3)
             self.amp = "none"
         self.quiet = cfg.quiet or not self.d.main
+        self.lock = None
+        self.finished_summary: dict[str, Any] | None = None
 
     # -- set-up --
     def setup(self) -> None:
         cfg, d = self.cfg, self.d
-        # run directory: rank 0 makes it, the others learn its path
+        # 1. an existing run: refuse a changed config (finished or not) before anything else
+        existing = Path(cfg.run_dir) if cfg.run_dir is not None else None
+        if existing is not None and runs.is_run(existing):
+            if not cfg.resume:
+                runs.refuse_existing(existing)
+            run = runs.load_run(existing)
+            _check_resume_config(run.config, cfg, existing)
+            if run.finished:
+                self.run_dir, self.finished_summary = existing, run.summary
+                return
+        elif existing is not None:
+            runs.check_new_run_dir(existing, cfg.resume)
+
+        # 2. build everything from the config; nothing is written yet, so a refusal here
+        #    leaves nothing that blocks the corrected command
+        self._build()
+
+        # 3. the run directory: rank 0 makes and locks it, the others learn its path
         path = None
         if d.main:
-            path = str(runs.create_run_dir(cfg))
+            run_dir = runs.create_run_dir(cfg)
+            self.lock = runs.lock_run_dir(run_dir)
+            path = str(run_dir)
         if d.active:
             box = [path]
             dist.broadcast_object_list(box, src=0)
@@ -488,29 +265,54 @@ class _Trainer:
         self.run_dir = Path(path)
         self.ckpt_last = runs.checkpoint_path(self.run_dir, "last")
         self.ckpt_best = runs.checkpoint_path(self.run_dir, "best")
-        self.finished = (self.run_dir / runs.SUMMARY_FILE).exists()
-        if self.finished:
-            return
         resuming = self.ckpt_last.exists()
-        if runs.is_run(self.run_dir):  # resume=True (create_run_dir refuses it otherwise)
-            _check_resume_config(runs.load_run(self.run_dir).config, cfg, self.run_dir)
-        elif d.main:
-            # config.json is written once, at the start (resume keeps the original)
-            runs.write_json(self.run_dir / runs.CONFIG_FILE,
-                            {**cfg.to_dict(), "run_dir": str(self.run_dir)})
-        if not resuming and d.main:
-            # a run that stopped before its first checkpoint starts again from step 0
-            runs.truncate_metrics(self.run_dir, 0)
+        if d.main:
+            runs.remove_stale_temporaries(self.run_dir)
+            if runs.is_run(self.run_dir):  # another process may have finished it meanwhile
+                run = runs.load_run(self.run_dir)
+                _check_resume_config(run.config, cfg, self.run_dir)
+                if run.finished:
+                    self.finished_summary = run.summary
+                    return
+            else:  # config.json is written once, at the start (resume keeps the original)
+                runs.write_json(self.run_dir / runs.CONFIG_FILE,
+                                {**cfg.to_dict(), "run_dir": str(self.run_dir)})
+            if not resuming:  # a run that stopped before its first checkpoint starts afresh
+                runs.truncate_metrics(self.run_dir, 0)
+        if resuming:
+            self._restore(runs.load_checkpoint(self.ckpt_last, map_location=self.device))
 
-        # generators: `gen` is shared by all ranks (coin, loss sampling: identical on every
-        # rank); `gen_local` draws the rank's own picks and views (== gen when not distributed)
+    def _probe_images(self) -> torch.Tensor | None:
+        """A fixed batch of validation images (training images without a validation split) for
+        the SSR diagnostics of :func:`dmlnb.ssr.probe`, chosen from the seed."""
+        n = self.cfg.ssr_diag_images
+        ds = self.val_ds if self.val_ds is not None else self.train_ds
+        if not n or ds is None:
+            return None
+        rng = np.random.default_rng([self.cfg.seed, 0xD1A6])
+        idx = np.sort(rng.choice(len(ds), size=min(n, len(ds)), replace=False))
+        seeded = isinstance(ds, experiment.SeededDataset)  # augmented: one fixed draw per image
+        return torch.stack([torch.as_tensor(ds[(int(i), self.cfg.seed) if seeded else int(i)][0])
+                            for i in idx])
+
+    def _build(self) -> None:
+        cfg, d = self.cfg, self.d
+        # one random stream per job, so that a baseline and an SSR run with one seed draw the
+        # same numbers everywhere outside the SSR branch (ssr_prob=0 is the baseline exactly):
+        # the loss's sampling (`gen`, shared by all ranks: they sample the same global
+        # triplets), the SSR coin (shared: all ranks fire together) and the SSR picks and views
+        # (the rank's own). Data order, augmentation and initialisation have streams of their
+        # own (the sampler, SeededDataset and seeded_model, all from `seed`).
         self.gen = torch.Generator().manual_seed(cfg.seed)
-        self.gen_local = (torch.Generator().manual_seed(cfg.seed + 1_000_003 * d.rank)
-                          if d.active else self.gen)
+        self.gen_coin = random_stream(cfg.seed, "ssr-coin")
+        self.gen_views = random_stream(cfg.seed, "ssr-views", d.rank)
 
         # data
-        self.train_ds = load_split(cfg, cfg.train_split, train=True)
-        self.val_ds = load_split(cfg, cfg.val_split, train=False) if cfg.val_split else None
+        self.train_ds = experiment.load_split(cfg, cfg.train_split, train=True)
+        self.val_ds = (experiment.load_split(cfg, cfg.val_split, train=False)
+                       if cfg.val_split else None)
+        self.test_ds = None
+        self.probe_images = self._probe_images()
         labels = np.asarray(self.train_ds.labels)
         self.num_classes = int(labels.max()) + 1
         self.in_channels = int(getattr(self.train_ds, "channels", self.train_ds[0][0].shape[0]))
@@ -521,23 +323,25 @@ class _Trainer:
         if self.batches_per_epoch < 1:
             raise ValueError(
                 f"the {cfg.train_split!r} split of {cfg.dataset!r} gives no batch of "
-                f"{cfg.classes_per_batch} classes x {cfg.samples_per_class}; lower batch_size"
+                f"batch_size={cfg.batch_size} images ({cfg.batch_size // cfg.samples_per_class} "
+                f"classes x samples_per_class={cfg.samples_per_class}); lower batch_size"
             )
         self.total_steps = cfg.epochs * self.batches_per_epoch
         if cfg.max_steps is not None:
             self.total_steps = min(self.total_steps, cfg.max_steps)
 
         # model, losses, optimiser, schedule
-        model = seeded_model(cfg, self.in_channels).to(self.device)
-        if cfg.channels_last and self.device.type == "cuda":
+        model = experiment.seeded_model(cfg, self.in_channels).to(self.device)
+        if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if not cfg.ssr:
-            for p in _ssr_head_parameters(model):
+            for p in ssr_head_parameters(model):
                 p.requires_grad_(False)
         self.model = model
-        self.metric_loss = build_metric_loss(cfg, self.num_classes, self.gen).to(self.device)
-        self.ranking_loss = build_ranking_loss(cfg).to(self.device)
-        self.optimizer = torch.optim.AdamW(_param_groups(cfg, model, self.metric_loss),
+        self.metric_loss = experiment.build_metric_loss(
+            cfg, self.num_classes, self.gen).to(self.device)
+        self.ssr = SSRBranch.from_config(cfg, world_size=d.world_size).to(self.device)
+        self.optimizer = torch.optim.AdamW(param_groups(cfg, model, self.metric_loss),
                                            weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_factor(cfg, self.total_steps))
@@ -552,8 +356,6 @@ class _Trainer:
         self.best_value, self.best_epoch = -math.inf, None
         self.elapsed = 0.0
         self.sums = _empty_sums()
-        if resuming:
-            self._restore(runs.load_checkpoint(self.ckpt_last, map_location=self.device))
 
     # -- checkpoints --
     def _state(self) -> dict[str, Any]:
@@ -564,7 +366,8 @@ class _Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "generator": self.gen.get_state(),
-            "generator_local": self.gen_local.get_state(),
+            "generator_ssr_coin": self.gen_coin.get_state(),
+            "generator_ssr_views": self.gen_views.get_state(),
             "epoch": self.epoch, "step": self.step, "step_in_epoch": self.step_in_epoch,
             "best_value": self.best_value, "best_epoch": self.best_epoch,
             "elapsed": self.elapsed + (time.perf_counter() - self.t0),
@@ -582,14 +385,14 @@ class _Trainer:
         self.scheduler.load_state_dict(s["scheduler"])
         self.scaler.load_state_dict(s["scaler"])
         self.gen.set_state(s["generator"])
-        if self.d.active:
-            self.gen_local.set_state(s["generator_local"])
+        self.gen_coin.set_state(s["generator_ssr_coin"])
+        self.gen_views.set_state(s["generator_ssr_views"])
         self.epoch, self.step = int(s["epoch"]), int(s["step"])
         self.step_in_epoch = int(s["step_in_epoch"])
         self.best_value = float(s["best_value"])
         self.best_epoch = None if s["best_epoch"] is None else int(s["best_epoch"])
         self.elapsed = float(s["elapsed"])
-        self.sums = {k: (float(v) if k.startswith("loss") else int(v))
+        self.sums = {k: (int(v) if k in ("fired", "n") else float(v))
                      for k, v in s["epoch_sums"].items()}
         if self.d.main:
             runs.truncate_metrics(self.run_dir, self.step)
@@ -607,52 +410,38 @@ class _Trainer:
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
         cfg = self.cfg
         B = images.shape[0]
-        fire = bool(cfg.ssr and torch.rand((), generator=self.gen).item() < cfg.ssr_prob)
-        x = images
-        if fire:
-            from dmlnb.transforms import make_views
-
-            # M of the global batch: each of W processes picks M / W of its B / W images
-            M = min(B, max(1, round(cfg.ssr_images / self.d.world_size)))
-            N = cfg.ssr_levels
-            pick = torch.randperm(B, generator=self.gen_local)[:M].to(images.device)
-            views = make_views(images[pick], levels=N, families=cfg.ssr_families,
-                               sigma=cfg.ssr_sigma, nested=cfg.ssr_nested,
-                               generator=self.gen_local)
-            x = torch.cat([images, views.flatten(0, 1)], dim=0)
-        if cfg.channels_last and x.device.type == "cuda":
+        draw = self.ssr.draw(images, coin=self.gen_coin, views=self.gen_views)
+        x = draw.inputs(images)
+        if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         # in DDP the SSR head runs every step (a zero term when the coin says no), so that
         # every parameter gets a gradient on every rank
-        want_ssr = fire or (cfg.ssr and self.d.active)
-        with _autocast(self.device, self.amp):
-            z, zs = _forward(self.ddp, x, want_ssr)
+        want_ssr = draw.fire or (cfg.ssr and self.d.active)
+        with autocast(self.device, self.amp):
+            z, zs = experiment.forward(self.ddp, x, want_ssr)
             z_all = gather_with_grad(z[:B])
-            y_all = _gather_labels(labels)
+            y_all = gather_labels(labels)
             loss_metric = self.metric_loss(z_all.float(), y_all)
             loss = loss_metric
-            out = {"fired": fire, "global_batch": int(z_all.shape[0])}
-            if fire:
-                anchor = zs[pick].float()
-                views_emb = zs[B:].float().reshape(M, N, -1)
-                loss_rank, parts = _ranking(self.ranking_loss, anchor, views_emb)
-                loss = loss + cfg.ssr_weight * loss_rank
-                out.update(loss_rank=loss_rank.detach(), **parts)
+            out = {"fired": draw.fire, "global_batch": int(z_all.shape[0])}
+            if draw.fire:
+                loss_ssr, parts = self.ssr.loss(zs, draw, B)
+                loss = loss + loss_ssr
+                out.update(parts)
+                every = cfg.ssr_diag_every
+                if every and (self.step + 1) % every == 0 and not self.d.active:
+                    out.update(gradient_ratio(loss_ssr, loss_metric,
+                                              self.model.backbone_parameters()))
             elif want_ssr:
                 loss = loss + 0.0 * zs.sum()
         out.update(loss=loss.detach(), loss_metric=loss_metric.detach())
-        value = loss.detach()
-        if self.d.active:
-            value = value.clone()
-            dist.all_reduce(value)
-            value /= self.d.world_size
-        value = float(value)
+        value = float(all_reduce_mean(loss.detach(), self.d))
         if not math.isfinite(value):
             kept = (f"the last good checkpoint is kept: {self.ckpt_last}"
                     if self.ckpt_last.exists() else "no checkpoint had been written yet")
             msg = (f"the loss became {value} at epoch {self.epoch}, step {self.step + 1} "
                    f"(metric loss {float(loss_metric.detach()):.4g}"
-                   + (f", ranking loss {float(out['loss_rank']):.4g}" if fire else "")
+                   + (f", ranking loss {float(out['loss_rank']):.4g}" if draw.fire else "")
                    + f"); training stopped before the update, {kept}. Lower lr (or check "
                    f"the data), then start again or continue with resume=True")
             self._log({"kind": "error", "epoch": self.epoch, "step": self.step + 1,
@@ -661,7 +450,7 @@ class _Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.d.active:
-            _average_loss_gradients(self.metric_loss, self.d.world_size)
+            average_loss_gradients(self.metric_loss, self.d.world_size)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -670,15 +459,16 @@ class _Trainer:
 
     # -- evaluation --
     def _embed(self, ds, desc: str) -> dict[str, np.ndarray]:
-        return embed(self.model, ds, batch_size=self.cfg.eval_batch_size, device=self.device,
-                     num_workers=self.cfg.num_workers, amp=self.amp, quiet=self.quiet, desc=desc)
+        return experiment.embed(self.model, ds, batch_size=self.cfg.eval_batch_size,
+                                device=self.device, num_workers=self.cfg.num_workers,
+                                amp=self.amp, quiet=self.quiet, desc=desc)
 
     def end_of_epoch(self) -> None:
         cfg = self.cfg
         epoch = self.epoch  # 0-based epoch just finished
         is_eval = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
         if self.d.main and is_eval and self.val_ds is not None:
-            m = _metrics(self._embed(self.val_ds, "val"), cfg, full=False)
+            m = experiment.evaluate_embeddings(self._embed(self.val_ds, "val"), cfg, full=False)
             value = m[cfg.select_metric]
             improved = math.isfinite(value) and value > self.best_value
             if improved:
@@ -689,15 +479,20 @@ class _Trainer:
                     "select_metric": cfg.select_metric, "value": value,
                 })
             self._log({"kind": "val", "epoch": epoch, "step": self.step, **m, "best": improved})
+        if self.d.main and is_eval and self.probe_images is not None:
+            diag = probe(self.model, self.probe_images, levels=cfg.ssr_levels,
+                         families=cfg.ssr_families, sigma=cfg.ssr_sigma, nested=cfg.ssr_nested,
+                         seed=cfg.seed)
+            self._log({"kind": "ssr_diag", "epoch": epoch, "step": self.step, **diag})
         if self.d.main and is_eval and cfg.eval_test_each_epoch:
-            m = _metrics(self._embed(self._test_ds(), "test (curve)"), cfg, full=False)
+            m = experiment.evaluate_embeddings(self._embed(self._test_ds(), "test (curve)"), cfg, full=False)
             self._log({"kind": "test_curve", "epoch": epoch, "step": self.step, **m})
         if self.d.active:
             dist.barrier()
 
     def _test_ds(self):
-        if getattr(self, "test_ds", None) is None:
-            self.test_ds = load_split(self.cfg, self.cfg.test_split, train=False)
+        if self.test_ds is None:
+            self.test_ds = experiment.load_split(self.cfg, self.cfg.test_split, train=False)
         return self.test_ds
 
     def final_test(self) -> dict[str, Any]:
@@ -707,7 +502,7 @@ class _Trainer:
         state = runs.load_checkpoint(path, map_location=self.device)
         self.model.load_state_dict(state["model"])
         emb = self._embed(self._test_ds(), "test")
-        m = _metrics(emb, cfg, full=True)
+        m = experiment.evaluate_embeddings(emb, cfg, full=True)
         runs.save_npz(self.run_dir / runs.EMBEDDINGS_FILE, **emb)
         self._log({"kind": "test", "epoch": int(state["epoch"]), "step": self.step,
                    "checkpoint": path.name, **m})
@@ -723,8 +518,8 @@ class _Trainer:
     # -- the loop --
     def run(self) -> FitResult:
         self.t0 = time.perf_counter()
-        if self.finished:
-            summary = runs.load_run(self.run_dir).summary or {}
+        if self.finished_summary is not None:
+            summary = self.finished_summary
             return FitResult(self.run_dir, dict(summary.get("test", {})),
                              summary.get("best_epoch"), True, summary)
         from tqdm.auto import tqdm
@@ -738,11 +533,11 @@ class _Trainer:
                 limit = min(self.batches_per_epoch,
                             self.step_in_epoch + self.total_steps - self.step)
                 batches = _EpochBatches(self.sampler, self.epoch, self.step_in_epoch, limit,
-                                        seeds=isinstance(self.train_ds, _Seeded), seed=cfg.seed)
+                                        seeds=isinstance(self.train_ds, experiment.SeededDataset), seed=cfg.seed)
                 loader = torch.utils.data.DataLoader(
                     self.train_ds, batch_sampler=batches, num_workers=cfg.num_workers,
                     pin_memory=self.device.type == "cuda",
-                    generator=_loader_generator(cfg.seed, self.epoch),
+                    generator=experiment.loader_generator(cfg.seed, self.epoch),
                 )
                 sums = self.sums  # restored mid-epoch, else empty
                 t_epoch, c_epoch = time.perf_counter(), time.process_time()
@@ -760,7 +555,8 @@ class _Trainer:
                     sums["loss"] += out["loss"]
                     sums["loss_metric"] += float(out["loss_metric"])
                     if out["fired"]:
-                        sums["loss_rank"] += float(out["loss_rank"])
+                        for k in ("loss_rank", "rank_sort", "rank_pos"):
+                            sums[k] += float(out[k])
                     if self.step % cfg.log_every == 0:
                         self._log(_step_record(out, self, t_end - t_start, t_start - t_data,
                                                sums))
@@ -782,7 +578,8 @@ class _Trainer:
                 self._log({
                     "kind": "epoch", "epoch": self.epoch, "step": self.step, "steps": sums["n"],
                     "loss": sums["loss"] / n, "loss_metric": sums["loss_metric"] / n,
-                    "loss_rank": sums["loss_rank"] / sums["fired"] if sums["fired"] else None,
+                    **{k: sums[k] / sums["fired"] if sums["fired"] else None
+                       for k in ("loss_rank", "rank_sort", "rank_pos")},
                     "ssr_rate": sums["fired"] / n, "lr": self.optimizer.param_groups[0]["lr"],
                     "time_s": seconds, "cpu_s": time.process_time() - c_epoch,
                     "images_per_s": sums["n"] * cfg.batch_size / seconds,
@@ -814,6 +611,8 @@ class _Trainer:
                 "wall_time_s": self.elapsed + (time.perf_counter() - self.t0),
                 "world_size": self.d.world_size, "device": str(self.device),
                 "versions": _versions(), "argv": sys.argv,
+                "ssr_diagnostics": _diagnostics_summary(
+                    runs.read_jsonl(self.run_dir / runs.METRICS_FILE)),
             }
             runs.write_json(self.run_dir / runs.SUMMARY_FILE, summary)
         else:
@@ -824,11 +623,27 @@ class _Trainer:
                          summary)
 
 
+def _diagnostics_summary(records: list[dict[str, Any]]) -> dict[str, float | None]:
+    """The run's SSR diagnostics: means over the logged steps where the branch fired of
+    ``rank_sort``, ``rank_pos``, ``ssr_grad_ratio`` and ``ssr_grad_cos``, and the last
+    evaluation's probe (``view_tau_*``, ``ssr_cross_cos``, ``ssr_level_sim_*``)."""
+    steps = [r for r in records if r.get("kind") == "step"]
+    out: dict[str, float | None] = {}
+    for k in ("rank_sort", "rank_pos", "ssr_grad_ratio", "ssr_grad_cos"):
+        values = [r[k] for r in steps if r.get(k) is not None and math.isfinite(r[k])]
+        out[k] = float(np.mean(values)) if values else None
+    probes = [r for r in records if r.get("kind") == "ssr_diag"]
+    if probes:
+        out.update({k: v for k, v in probes[-1].items() if k not in ("kind", "epoch", "step")})
+    return out
+
+
 def _empty_sums() -> dict[str, float]:
-    return {"loss": 0.0, "loss_metric": 0.0, "loss_rank": 0.0, "fired": 0, "n": 0}
+    return {"loss": 0.0, "loss_metric": 0.0, "loss_rank": 0.0, "rank_sort": 0.0, "rank_pos": 0.0,
+            "fired": 0, "n": 0}
 
 
-def _step_record(out: dict, tr: _Trainer, step_s: float, data_s: float, sums: dict) -> dict:
+def _step_record(out: dict, tr: Trainer, step_s: float, data_s: float, sums: dict) -> dict:
     rec = {
         "kind": "step", "epoch": tr.epoch, "step": tr.step, "loss": out["loss"],
         "loss_metric": float(out["loss_metric"]),
@@ -837,33 +652,10 @@ def _step_record(out: dict, tr: _Trainer, step_s: float, data_s: float, sums: di
         "lr": tr.optimizer.param_groups[0]["lr"], "step_s": step_s, "data_s": data_s,
         "global_batch": out["global_batch"],
     }
-    for k in ("rank_sort", "rank_pos"):
+    for k in ("rank_sort", "rank_pos", "ssr_grad_ratio", "ssr_grad_cos"):
         if k in out:
             rec[k] = float(out[k])
     return rec
-
-
-def _gather_labels(labels: torch.Tensor) -> torch.Tensor:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return labels
-    parts = [torch.empty_like(labels) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, labels.contiguous())
-    return torch.cat(parts)
-
-
-def _average_loss_gradients(loss: nn.Module, world: int) -> None:
-    """Loss parameters (margin beta, proxies) are outside DDP: average their gradients (every
-    rank computes the same global loss, so this only guards against drift)."""
-    for p in loss.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad /= world
-
-
-def _ranking(loss: nn.Module, anchor: torch.Tensor, views: torch.Tensor):
-    """``(L_rank, {"rank_sort", "rank_pos"})`` from :meth:`RankingLoss.parts`."""
-    parts = loss.parts(anchor, views)
-    return parts.total, {"rank_sort": parts.sort.detach(), "rank_pos": parts.pos.detach()}
 
 
 def fit(config: TrainConfig | Mapping[str, Any], *, stop_after_steps: int | None = None) -> FitResult:
@@ -891,30 +683,22 @@ def fit(config: TrainConfig | Mapping[str, Any], *, stop_after_steps: int | None
     FloatingPointError
         The loss became NaN or infinite; the last good checkpoint is kept.
     """
-    cfg = coerce_config(config)
-    trainer = _Trainer(cfg, stop_after_steps)
+    cfg = experiment.check_config(config)
+    trainer = Trainer(cfg, stop_after_steps)
     try:
         trainer.setup()
         return trainer.run()
     finally:
-        if trainer.d.owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+        if trainer.lock is not None:
+            trainer.lock.release()
+        trainer.d.close()
 
 
-def evaluate_run(
-    run_dir: str | Path,
-    *,
-    split: str | None = None,
-    which: str = "best",
-    device: str = "cpu",
-    batch_size: int = 500,
-    quiet: bool = True,
-) -> dict[str, float]:
-    """Re-evaluate a run's ``which`` checkpoint on ``split`` (default: its test split) with the
-    run's evaluation settings (``dmlnb eval RUN_DIR``). Writes nothing."""
-    run = runs.load_run(run_dir)
-    cfg = run.train_config()
-    model = runs.load_model(run.path, which=which, device=device)
-    ds = load_split(cfg, split or cfg.test_split, train=False)
-    emb = embed(model, ds, batch_size=batch_size, device=device, quiet=quiet)
-    return _metrics(emb, cfg, full=True)
+def fit_or_reuse(config: TrainConfig | Mapping[str, Any]) -> FitResult:
+    """:func:`fit` into ``config.run_dir``, reusing the run there when it is finished with the
+    same settings and resuming it when it was interrupted (``resume=True``); a run there with
+    other settings is refused (naming the fields that differ), never overwritten."""
+    cfg = experiment.check_config(config)
+    if cfg.run_dir is None:
+        raise ValueError("fit_or_reuse needs run_dir: the folder of the run to reuse or make")
+    return fit(cfg.replace(resume=True))

@@ -243,7 +243,7 @@ def view_gallery(
     """Gallery of views: one row per family (or image), one column per level n = 0..N.
 
     ``views`` is ``[rows, levels + 1, C, H, W]`` (column 0 the original); ``strengths`` the t_n of
-    each column for the labels (``t = tanh(sigma n)`` by default in :mod:`dmlnb.transforms`).
+    each column for the labels (``t = tanh(sigma n)`` by default in :mod:`dmlnb.views`).
     """
     views = np.asarray(views.detach().cpu() if hasattr(views, "detach") else views)
     if views.ndim < 4:
@@ -600,6 +600,37 @@ def trajectories(
     return fig
 
 
+def trajectory_panels(
+    maps: Mapping[str, tuple[Any, Any]],
+    strengths: Sequence[float],
+    *,
+    labels: Sequence[str] | None = None,
+    images: Any = None,
+    upto: float | None = None,
+) -> go.Figure:
+    """One :func:`trajectories` panel per model (e.g. baseline and SSR), side by side.
+
+    ``maps`` is ``{title: (background [n, 2], paths [K, L, 2])}`` (:func:`dmlnb.measure.
+    view_trajectories`); each image's path has one colour-coded legend entry (``labels``), shown
+    once for all panels. The width follows the window (``autosize``).
+    """
+    fig = make_subplots(rows=1, cols=len(maps), subplot_titles=list(maps), horizontal_spacing=0.04)
+    for j, (bg, paths) in enumerate(maps.values(), 1):
+        trajectories(paths, strengths, background=bg, labels=labels, images=images, upto=upto,
+                     fig=fig, row=1, col=j)
+    # one legend entry per image: the first panel's; the grey test set once
+    seen: set[str] = set()
+    for trace in fig.data:
+        trace.showlegend = trace.name not in seen
+        seen.add(trace.name)
+    shown = strengths[-1] if upto is None else upto
+    fig.update_layout(title=f"Views up to strength {shown:.2f}", autosize=True, height=520,
+                      template="plotly_white", legend_title_text="image (class · typeface)")
+    fig.update_xaxes(showticklabels=False)
+    fig.update_yaxes(showticklabels=False)
+    return fig
+
+
 def similarity_curve(
     strengths: Sequence[float],
     similarities: Mapping[str, Sequence[float]],
@@ -706,7 +737,7 @@ def write_pngs(
                        "/usr/bin/chromium (or $DMLNB_CHROMIUM):\n  " + "\n  ".join(errors))
 
 
-CHROMIUM_ARGS = (  # ENV.md: flags that work on the project's machines
+CHROMIUM_ARGS = (  # flags that work on headless Debian machines with no network
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 )

@@ -1,8 +1,8 @@
 """ipywidgets explorers: move the transformation strength and watch the image and its embedding.
 
 - :class:`ViewProbe` is the logic (no widgets): one image, one set of families, one fixed random
-  *direction* (:func:`dmlnb.transforms.sample_direction`), so the view moves smoothly with the
-  strength t in [0, 1] (:func:`dmlnb.transforms.apply_view`; t = 0 is the image itself). With a
+  *direction* (:func:`dmlnb.views.sample_direction`), so the view moves smoothly with the
+  strength t in [0, 1] (:func:`dmlnb.views.apply_view`; t = 0 is the image itself). With a
   model it reads out where the view's embedding lies: cosine similarity to the original's
   metric and SSR embeddings, to the centre of the image's class, and the rank of the true class
   among all class centres.
@@ -63,7 +63,7 @@ class ViewProbe:
     ----------
     image : tensor ``[C, H, W]`` in [0, 1] (un-normalised).
     family : str or sequence of str
-        A family of :data:`dmlnb.transforms.FAMILIES`, several (composed), or
+        A family of :data:`dmlnb.views.FAMILIES`, several (composed), or
         :data:`PAPER_FAMILIES` for the paper's composition.
     seed : int
         Seed of the direction (the random part of the view), so a slider moves one view.
@@ -84,7 +84,7 @@ class ViewProbe:
         label: int | None = None,
         class_names: Sequence[str] | None = None,
     ) -> None:
-        from dmlnb.transforms import sample_direction
+        from dmlnb.views import sample_direction
 
         self.image = torch.as_tensor(image, dtype=torch.float32)
         self.families = _families(family)
@@ -103,7 +103,7 @@ class ViewProbe:
 
     def view(self, strength: float) -> torch.Tensor:
         """The view ``[C, H, W]`` at ``strength`` t in [0, 1]."""
-        from dmlnb.transforms import apply_view
+        from dmlnb.views import apply_view
 
         check_range("strength", strength, 0.0, 1.0)
         return apply_view(self.image, self.families, float(strength), self.direction)
@@ -268,7 +268,7 @@ class ViewExplorer:
     ) -> None:
         import ipywidgets as W
 
-        from dmlnb.transforms import FAMILIES
+        from dmlnb.views import FAMILIES
 
         if len(indices) == 0:
             raise ValueError("indices must name at least one image of the dataset")
@@ -361,6 +361,26 @@ class ViewExplorer:
         display(self.widget)
 
 
+def _display_bundle(obj: Any) -> dict[str, Any]:
+    """``obj`` as one ``display_data`` output (its MIME bundle), as an ``Output`` widget stores it."""
+    data: Any = None
+    metadata: Any = {}
+    repr_bundle = getattr(obj, "_repr_mimebundle_", None)
+    if callable(repr_bundle):  # plotly figures (under the renderer set by dmlnb.notebook.setup)
+        data = repr_bundle(include=None, exclude=None)
+        if isinstance(data, tuple):
+            data, metadata = data
+    if not data:
+        from IPython import get_ipython
+
+        shell = get_ipython()
+        if shell is not None and not hasattr(obj, "_ipython_display_"):
+            data, metadata = shell.display_formatter.format(obj)
+    if not data:
+        data = {"text/plain": repr(obj)}
+    return {"output_type": "display_data", "data": dict(data), "metadata": dict(metadata or {})}
+
+
 def figure_slider(
     make_figure: Callable[[float], Any],
     values: Sequence[float],
@@ -370,10 +390,17 @@ def figure_slider(
     """A slider over ``values`` that redraws ``make_figure(value)`` (a plotly figure) below it.
 
     Returns an ``ipywidgets.VBox`` (slider, output); its ``.slider`` and ``.output`` attributes
-    are the parts. The figure is drawn once at creation, so a headless run keeps it.
+    are the parts. The figure is drawn once at creation, so a headless run keeps it (in the
+    notebook's widget state).
+
+    The figure is put into the ``Output`` widget by setting its ``outputs`` from the kernel, not by
+    capturing a ``display`` in ``with output:``. A capture makes a headless executor that stands in
+    for the front end (nbclient, under papermill) send the captured output back to the kernel on
+    the shell channel while it waits there for the cell's reply, which can leave it waiting forever
+    (see :mod:`dmlnb.execute`); setting the state sends nothing back, and in JupyterLab it looks the
+    same (one update, so no flicker either).
     """
     import ipywidgets as W
-    from IPython.display import display
 
     values = [float(v) for v in values]
     slider = W.SelectionSlider(options=[(f"{v:.2f}", v) for v in values],
@@ -382,9 +409,7 @@ def figure_slider(
     output = W.Output()
 
     def draw(_: Any = None) -> None:
-        output.clear_output(wait=True)
-        with output:
-            display(make_figure(slider.value))
+        output.outputs = (_display_bundle(make_figure(slider.value)),)
 
     slider.observe(draw, names="value")
     draw()

@@ -16,16 +16,11 @@ TINY = ["--dataset_options", '{"max_per_class": 12}', "--batch_size", "16", "--s
         "--epochs", "1", "--steps_per_epoch", "2", "--quiet", "--device", "cpu"]
 
 
-@pytest.fixture
-def no_optional(monkeypatch):
-    monkeypatch.setattr(cli, "OPTIONAL_SUBCOMMANDS", ())
-
-
 def parse(argv):
     return cli.config_from_args(cli.build_parser().parse_args(argv))
 
 
-def test_train_help_lists_every_field_with_its_default(no_optional, capsys):
+def test_train_help_lists_every_field_with_its_default(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["train", "--help"])
     assert info.value.code == 0
@@ -36,7 +31,7 @@ def test_train_help_lists_every_field_with_its_default(no_optional, capsys):
     assert "paper-cub200-128" in out and "multisimilarity" in out
 
 
-def test_layering_defaults_preset_file_flags(no_optional, tmp_path):
+def test_layering_defaults_preset_file_flags(tmp_path):
     f = tmp_path / "c.json"
     f.write_text(json.dumps({"epochs": 5, "lr": 0.01, "seed": 9}))
     c = parse(["train", "--preset", "paper-cub200-128", "--config", str(f), "--lr", "0.5",
@@ -51,7 +46,7 @@ def test_layering_defaults_preset_file_flags(no_optional, tmp_path):
     assert parse(["train"]) == TrainConfig()
 
 
-def test_print_config_and_errors(no_optional, capsys):
+def test_print_config_and_errors(capsys):
     assert cli.main(["train", "--print-config", "--seed", "3"]) == 0
     assert json.loads(capsys.readouterr().out)["seed"] == 3
     assert cli.main(["train", "--print-config", "--ssr_prob", "2", "--pooling", "mean"]) == 2
@@ -62,7 +57,7 @@ def test_print_config_and_errors(no_optional, capsys):
     assert cli.main([]) == 2  # no command: help
 
 
-def test_train_then_eval_then_runs(no_optional, tmp_path, capsys):
+def test_train_then_eval_then_runs(tmp_path, capsys):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -83,19 +78,11 @@ def test_train_then_eval_then_runs(no_optional, tmp_path, capsys):
         torch.set_num_threads(n)
 
 
-def test_optional_subcommands(monkeypatch, tmp_path):
-    (tmp_path / "fake_sub_ok.py").write_text(
-        "def add_parser(sub):\n    p = sub.add_parser('hello')\n"
-        "    p.set_defaults(func=lambda args: 7)\n")
-    (tmp_path / "fake_sub_broken.py").write_text("import not_a_real_package_xyz\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(cli, "OPTIONAL_SUBCOMMANDS", ("fake_sub_ok", "dmlnb.not_written_yet"))
-    assert cli.main(["hello"]) == 7  # registered; the missing module is skipped
-    monkeypatch.setattr(cli, "OPTIONAL_SUBCOMMANDS", ("fake_sub_broken",))
-    with pytest.raises(ModuleNotFoundError, match="not_a_real_package_xyz"):
-        cli.build_parser()  # a module that exists but fails to import is not hidden
-    for name in ("fake_sub_ok", "fake_sub_broken"):
-        sys.modules.pop(name, None)
+def test_every_subcommand_is_registered():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert {"train", "eval", "runs", "data", "sweep", "demo", "study", "figures",
+            "recipe"} <= set(sub.choices)
 
 
 def test_module_entry_point_is_the_cli():
@@ -105,5 +92,47 @@ def test_module_entry_point_is_the_cli():
 
 
 def test_help_texts_and_choices_name_real_fields():
-    assert set(cli._HELP) <= set(field_names())
-    assert set(cli._CHOICES) <= set(field_names())
+    from dmlnb.config import FIELD_GROUPS, FIELD_HELP
+
+    assert set(FIELD_HELP) == set(field_names())
+    grouped = [n for names in FIELD_GROUPS.values() for n in names]
+    assert sorted(grouped) == sorted(field_names())  # every field in exactly one group
+    assert set(cli._choices()) <= set(field_names())
+
+
+def test_top_level_help_imports_no_torch():
+    """``dmlnb --help`` lists every subcommand without importing any of their modules."""
+    import subprocess
+
+    code = ("import sys\nfrom dmlnb import cli\ntry:\n    cli.main(['--help'])\n"
+            "except SystemExit:\n    pass\nprint('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.strip().endswith("False")
+    for name in cli.COMMANDS:
+        assert f"    {name} " in out
+
+
+def test_train_help_lists_each_flag_once_with_help_in_groups(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    for name in field_names():
+        assert out.count(f"--{name} ") + out.count(f"--{name}\n") == 1, name
+        assert f"--{name.replace('_', '-')} " not in out or "_" not in name
+    for title in ("data:", "SSR (the paper's method):", "optimisation:", "evaluation:"):
+        assert title in out
+
+
+@pytest.mark.parametrize("argv, want", [
+    (["--ssr", "false"], False), (["--ssr", "true"], True), (["--ssr"], True),
+    (["--no-ssr"], False), (["--ssr", "False"], False),
+])
+def test_booleans_accept_true_and_false(argv, want):
+    assert parse(["train", *argv]).ssr is want
+
+
+def test_misspelt_names_get_a_suggestion(capsys):
+    assert cli.main(["train", "--loss", "margn", "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'margin'?" in err

@@ -10,7 +10,7 @@ import pytest
 from dmlnb import defaults as D
 from dmlnb.config import PRESETS, TrainConfig, field_names, preset
 
-# the names the issue fixes (notebook parameters, CLI flags and sweep grids use them)
+# the public field names (notebook parameters, CLI flags and sweep grids use them)
 ISSUE_FIELDS = ("dataset", "data_root", "loss", "ssr", "ssr_prob", "ssr_weight", "ssr_levels",
                 "ssr_images", "epochs", "steps_per_epoch", "batch_size", "samples_per_class",
                 "backbone", "pretrained", "embed_dim", "image_size", "lr", "seed", "device",
@@ -53,9 +53,13 @@ def test_from_dict_reports_every_problem_in_one_message():
 
 
 @pytest.mark.parametrize("changes, needle", [
-    ({"loss": "arcface"}, "'multisimilarity'"),
-    ({"backbone": "vit"}, "'resnet50'"),
-    ({"dataset": "mnist"}, "'glyphs'"),
+    ({"loss": ""}, "loss must be a name"),
+    ({"device": "cuda:abc"}, "'cuda:N'"),
+    ({"lr": float("inf")}, "lr=inf is not a finite number"),
+    ({"ssr_weight": float("inf")}, "ssr_weight=inf"),
+    ({"rank_scale": float("inf")}, "rank_scale=inf"),
+    ({"head_lr_mult": float("inf")}, "head_lr_mult=inf"),
+    ({"lr": float("nan")}, "lr=nan"),
     ({"schedule": "linear"}, "'cosine'"),
     ({"ssr_images": 200}, "ssr_images=200 must be <= batch_size"),
     ({"val_split": None}, "eval_checkpoint='best' needs a val_split"),
@@ -109,8 +113,9 @@ def test_from_dict_type_error_for_non_mapping():
 
 def test_presets_follow_the_paper():
     names = {f"paper-{d}-{k}" for d in ("cub200", "cars196", "sop") for k in (128, 512)}
-    assert set(PRESETS) == names
-    for name, p in PRESETS.items():
+    assert names <= set(PRESETS)
+    for name in names:
+        p = PRESETS[name]
         assert p["backbone"] == "resnet50" and p["pretrained"] is True
         assert p["image_size"] == D.CROP and p["lr"] == D.LR
         assert p["head_lr_mult"] == D.HEAD_LR_MULT and p["weight_decay"] == D.WEIGHT_DECAY
@@ -119,6 +124,17 @@ def test_presets_follow_the_paper():
         assert p["dataset"] == name.split("-")[1]
         assert tuple(p["eval_ks"]) == (D.SOP_RECALL_KS if "sop" in name else D.RECALL_KS)
         assert set(p) <= set(field_names())
+
+
+def test_cpu_presets_are_the_pretrained_regime_on_embedded_data():
+    from dmlnb.experiment import check_config
+
+    for dataset in ("glyphs", "icons"):
+        p = PRESETS[f"cpu-{dataset}-lite0"]
+        assert p["dataset"] == dataset and p["backbone"] == "efficientnet_lite0"
+        assert p["pretrained"] is True and p["channels_last"] is True
+        assert p["lr"] == D.LR and p["head_lr_mult"] == D.HEAD_LR_MULT  # the paper's rates
+        check_config(preset(f"cpu-{dataset}-lite0"))
 
 
 def test_preset_builds_a_valid_config_with_overrides():
@@ -132,3 +148,33 @@ def test_every_field_has_a_default():
     for f in dataclasses.fields(TrainConfig):
         assert (f.default is not dataclasses.MISSING
                 or f.default_factory is not dataclasses.MISSING), f.name
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"loss": "arcface"}, "'multisimilarity'"),
+    ({"backbone": "vit"}, "'resnet50'"),
+    ({"dataset": "mnist"}, "'glyphs'"),
+    ({"loss": "margin", "loss_params": {"marign": 0.1}}, "'marign'"),
+])
+def test_registry_names_are_checked_by_the_experiment_layer(changes, needle):
+    """Names that live in the registries of the layers above config (datasets, losses,
+    backbones, a loss's parameters) are refused by check_config, naming the valid ones."""
+    from dmlnb.experiment import check_config
+
+    config = TrainConfig.from_dict(changes)  # the config layer alone accepts any name
+    with pytest.raises(ValueError, match="invalid TrainConfig") as info:
+        check_config(config)
+    assert needle in str(info.value)
+
+
+def test_config_is_a_leaf_layer():
+    """Importing dmlnb.config and building a TrainConfig imports neither torch nor another
+    dmlnb layer (only dmlnb.defaults and dmlnb._validate)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import dmlnb.config as c; c.TrainConfig(); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('dmlnb')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert eval(out) == ["dmlnb", "dmlnb._validate", "dmlnb.config", "dmlnb.defaults"]

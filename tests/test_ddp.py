@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from dmlnb import runs
 from dmlnb import train as T
+from dmlnb.distributed import gather_with_grad
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="torch.distributed with gloo"
@@ -37,6 +38,7 @@ WORKER = textwrap.dedent("""
     import torch
     import torch.distributed as dist
     from dmlnb import train as T
+    from dmlnb.distributed import gather_with_grad
 
     torch.set_num_threads(1)
     config, out = json.loads(sys.argv[1]), sys.argv[2]
@@ -44,7 +46,7 @@ WORKER = textwrap.dedent("""
     rank, world = dist.get_rank(), dist.get_world_size()
     # (a) the gather: rank order, gradient only into the local block, scaled by the world size
     x = (torch.arange(3, dtype=torch.float64) + 10 * rank).reshape(3, 1).requires_grad_()
-    gathered = T.gather_with_grad(x)
+    gathered = gather_with_grad(x)
     weights = torch.arange(1, 1 + 3 * world, dtype=torch.float64).reshape(-1, 1)
     (gathered * weights).sum().backward()
     result = {"gathered": gathered.detach().flatten().tolist(), "grad": x.grad.flatten().tolist()}
@@ -101,4 +103,4 @@ def test_two_process_run_matches_one_process_on_the_global_batch(tmp_path):
 
 def test_gather_outside_a_process_group_is_the_identity():
     x = torch.ones(2, 3, requires_grad=True)
-    assert T.gather_with_grad(x) is x
+    assert gather_with_grad(x) is x

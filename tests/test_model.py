@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import urllib.error
 
 import pytest
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 import torchvision
 
 from dmlnb.defaults import EMBED_DIM, IMAGENET_MEAN, IMAGENET_STD, SSR_DIM
-from dmlnb.model import EmbeddingNet, SmallCNN, build_model
+from dmlnb.model import EmbeddingNet, SmallCNN
 
 
 def images(b: int = 4, c: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:
@@ -35,6 +34,7 @@ def resnet18() -> EmbeddingNet:
         ("smallcnn", 1, 256),
         ("smallcnn", 3, 256),
         ("resnet18", 3, 512),
+        ("efficientnet_lite0", 1, 1280),
         pytest.param("resnet50", 1, 2048, marks=pytest.mark.slow),
     ],
 )
@@ -176,6 +176,7 @@ def test_offline_pretrained_raises_clear_error(monkeypatch, tmp_path):
         with pytest.raises(RuntimeError, match="could not download.*pretrained=False") as info:
             EmbeddingNet("resnet18")  # pretrained auto -> True for ResNets
         assert "weights_path" in str(info.value)
+        assert str(tmp_path / "checkpoints" / "resnet18-f37072fd.pth") in str(info.value)
         with pytest.raises(RuntimeError, match="could not download"):
             EmbeddingNet("resnet18", pretrained=True)
     finally:
@@ -219,7 +220,7 @@ def test_bad_options_name_the_parameter():
         EmbeddingNet("vgg16")
     with pytest.raises(ValueError, match="pooling='sum'.*'avg', 'max'"):
         EmbeddingNet("smallcnn", pooling="sum")
-    with pytest.raises(ValueError, match="pretrained=True is not valid.*smallcnn"):
+    with pytest.raises(ValueError, match="pretrained=True is not valid.*smallcnn.*efficientnet_lite0"):
         EmbeddingNet("smallcnn", pretrained=True)
     with pytest.raises(ValueError, match="in_channels=2"):
         EmbeddingNet("resnet18", pretrained=False, in_channels=2)
@@ -231,16 +232,3 @@ def test_bad_options_name_the_parameter():
         EmbeddingNet("smallcnn", in_channels=1)(images(2, 3))
 
 
-def test_build_model_from_mapping_and_dataclass():
-    @dataclasses.dataclass
-    class ModelConfig:
-        backbone: str = "smallcnn"
-        embed_dim: int = 32
-        in_channels: int = 1
-
-    model = build_model(ModelConfig(), ssr_dim=16)
-    assert model.metric_head.out_features == 32 and model.ssr_head[-1].out_features == 16
-    model = build_model({"backbone": "smallcnn", "pooling": "max", "in_channels": 1})
-    assert model.pooling == "max"
-    with pytest.raises(ValueError, match="unknown model options: 'lr'"):
-        build_model({"backbone": "smallcnn", "lr": 0.1})

@@ -25,6 +25,10 @@ FILES = {
     "intraclass": "04_intraclass_umap.ipynb",
 }
 KERNEL = "python3"
+# every execution here is bounded: tiny parameters run in seconds to a minute, so a stuck kernel or
+# client fails its test in minutes instead of hanging the suite (dmlnb.execute.run_notebook)
+CELL_TIMEOUT = 600
+NOTEBOOK_TIMEOUT = 1200
 TINY_DATA = {"max_per_class": 8}  # 8 typefaces per character: the test split has 31 x 8 items
 TINY_TRAIN = {"epochs": 1, "steps_per_epoch": 2, "batch_size": 32, "ssr_images": 4,
               "dataset_options": TINY_DATA, "quiet": True}
@@ -170,10 +174,13 @@ def kernel_env():
 
 
 def _execute(name, out, **params):
-    import papermill as pm
+    """papermill through dmlnb.execute.run_notebook: per-cell and overall timeouts, and each kernel
+    on IPC sockets of its own (kernels started at the same moment, here or by another test run on
+    the machine, cannot race for TCP ports)."""
+    from dmlnb.execute import run_notebook
 
-    return pm.execute_notebook(str(NOTEBOOKS / FILES[name]), str(out), parameters=params,
-                               kernel_name=KERNEL, progress_bar=False, cwd=str(NOTEBOOKS))
+    return run_notebook(NOTEBOOKS / FILES[name], out, params, kernel_name=KERNEL, cwd=NOTEBOOKS,
+                        cell_timeout=CELL_TIMEOUT, notebook_timeout=NOTEBOOK_TIMEOUT)
 
 
 def _figure(folder: Path, name: str) -> dict:
@@ -281,6 +288,12 @@ def test_intraclass_notebook_with_given_runs(kernel_env, train_run, tmp_path):
     assert attr[0] == ["family", "weight", "italic", "category"]
     traj = _figure(figs, "trajectories")
     assert sum(t.get("mode") == "lines+markers" for t in traj["data"]) == 2 * 2
+    # the last cell's slider keeps its figure in the widget state (set from the kernel, no capture)
+    book = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    state = book.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    shown = [o for m in state.values() if m["model_name"] == "OutputModel"
+             for o in m["state"].get("outputs", [])]
+    assert any("application/vnd.plotly.v1+json" in o.get("data", {}) for o in shown)
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ def views_with_similarities(sims, dim=4, seed=0, dtype=torch.float64):
 
 
 def hand_loss(S, s=12.0, alpha=0.05, beta=0.5, lam=1.0, pairs="adjacent"):
-    """The equations of PAPER.md for one image, with the math module."""
+    """The equations of docs/method.md for one image, with the math module."""
     N = len(S)
     if pairs == "adjacent":
         idx = [(n, n + 1) for n in range(N - 1)]

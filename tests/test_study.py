@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from dmlnb import study
+from dmlnb import measure, ssr, study
 from dmlnb.data import load_dataset
 from dmlnb.model import EmbeddingNet
 from dmlnb.sweep import expand_grid
@@ -67,12 +67,12 @@ def test_view_similarities_fall_with_strength_for_an_untrained_model():
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = EmbeddingNet("smallcnn", in_channels=1)
-    sims = study.view_similarities(model, images)
+    sims = ssr.view_similarities(model, images)
     assert sims["metric"].shape == (64, 4) and sims["ssr"].shape == (64, 4)
     assert np.all(np.abs(sims["metric"]) <= 1 + 1e-5)
     mean = sims["metric"].mean(axis=0)
     assert mean[0] > mean[-1]  # stronger views are farther on average, even for random features
-    again = study.view_similarities(model, images)
+    again = ssr.view_similarities(model, images)
     np.testing.assert_array_equal(again["metric"], sims["metric"])  # same views for every model
 
 
@@ -81,10 +81,10 @@ def test_intraclass_measures_on_glyphs():
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = EmbeddingNet("smallcnn", in_channels=1).eval()
-    from dmlnb.train import embed
+    from dmlnb.experiment import embed
 
     emb = embed(model, test)
-    out = study.intraclass_measures(model, test, emb["embeddings"], emb["labels"], view_images=50)
+    out = measure.intraclass_measures(model, test, emb["embeddings"], emb["labels"], view_images=50)
     for key in study.INTRACLASS:
         assert key in out and np.isfinite(out[key]), key
     assert 0 <= out["view_pair_order_metric"] <= 1 and -1 <= out["lift_family"] <= 1
@@ -109,3 +109,54 @@ def test_miniature_study_end_to_end(tmp_path):
     # analysis again without training: same table, nothing re-run
     again = study.run_study(tmp_path, grid=grid, analyze_only=True, progress=False)
     assert again["settings"].equals(result["settings"])
+
+
+def test_view_trajectories_share_one_map_per_model_and_one_ladder():
+    from dmlnb.viz import trajectory_panels
+
+    test = load_dataset("glyphs", "test", max_per_class=4)
+    models = {"a": EmbeddingNet(backbone="smallcnn", in_channels=1).eval(),
+              "b": EmbeddingNet(backbone="smallcnn", in_channels=1, embed_dim=16).eval()}
+    background = {"a": np.random.default_rng(0).normal(size=(30, 128)),
+                  "b": np.random.default_rng(1).normal(size=(30, 16))}
+    originals = torch.stack([test[i][0] for i in range(3)])
+    strengths = [0.0, 0.3, 0.6]
+    maps, ladder = measure.view_trajectories(models, originals, background, strengths,
+                                             families=("crop",), projection="pca", seed=0)
+    assert ladder.shape == (3, 3, 1, 32, 32) and torch.equal(ladder[:, 0], originals)
+    for name in models:
+        bg, paths = maps[name]
+        assert bg.shape == (30, 2) and paths.shape == (3, 3, 2)
+    again, _ = measure.view_trajectories(models, originals, background, strengths,
+                                         families=("crop",), projection="pca", seed=0)
+    assert all(np.array_equal(maps[k][1], again[k][1]) for k in maps)
+    fig = trajectory_panels(maps, strengths, labels=["x", "y", "z"], images=ladder, upto=0.3)
+    shown = [t.name for t in fig.data if t.showlegend]
+    assert shown.count("x") == 1 and shown.count("test set") == 1  # one legend entry each
+
+
+def test_intraclass_measures_learn_the_icon_style_attributes():
+    """A data set whose metadata has the icons' columns gets lift over chance for theme and
+    family (as glyphs get it for the typeface's family, weight, italic and category)."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 6)
+    family = np.tile(["a", "a", "b", "b", "c", "c"], 4)  # two recolours of each family per class
+    theme = np.array([f"{f}{i % 2}" for i, f in enumerate(family)])
+
+    class Icons(torch.utils.data.Dataset):
+        metadata = pd.DataFrame({"theme": theme, "family": family})
+
+        def __len__(self):
+            return len(labels)
+
+        def __getitem__(self, i):
+            return torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(int(i))), labels[i]
+
+    # embeddings where recolours of one family are each other's nearest neighbours
+    centre = rng.normal(size=(4, 8))[labels] * 5
+    style = {f: rng.normal(size=8) for f in "abc"}
+    emb = centre + np.stack([style[f] for f in family]) + rng.normal(size=(24, 8)) * 0.01
+    model = EmbeddingNet(backbone="smallcnn", in_channels=3).eval()
+    out = measure.intraclass_measures(model, Icons(), emb, labels, view_images=8)
+    assert out["lift_family"] == pytest.approx(1.0 - out["chance_family"])
+    assert out["lift_theme"] == pytest.approx(0.0) and out["chance_theme"] == 0.0

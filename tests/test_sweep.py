@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from dmlnb import sweep
-from dmlnb.sweep import collect, expand_grid, point_name, run_sweep, summarize
+from dmlnb.sweep import collect, expand_grid, point_name, point_names, run_sweep, summarize
 
 
 # --- grid expansion ------------------------------------------------------------------------------
@@ -69,6 +69,17 @@ def test_point_name_unique_stable_and_safe():
     assert len(point_name({f"p{i}": "v" * 50 for i in range(10)})) <= 80 + 9
 
 
+def test_point_names_show_what_varies_and_survive_a_grown_grid():
+    common = {"epochs": 1, "steps_per_epoch": 30, "dataset_options": {"max_per_class": 100}}
+    points = [{**common, "ssr": s, "seed": k} for s in (False, True) for k in (0, 1)]
+    names = point_names(points)
+    assert len(set(names)) == 4
+    assert all(n.startswith(("ssr=False,seed=", "ssr=True,seed=")) for n in names)
+    assert not any("epochs" in n or "max_per_class" in n for n in names)
+    grown = points + [{**common, "ssr": True, "seed": 0, "ssr_weight": 0.4}]
+    assert point_names(grown, existing=names)[:4] == names  # finished points are found again
+
+
 def test_summarize_mean_std_over_ok_rows():
     table = pd.DataFrame({
         "status": ["ok", "ok", "ok", "failed", "ok"],
@@ -120,7 +131,7 @@ def test_sweep_2x2_one_failure_then_rerun_skips_done(tmp_path):
     assert "RuntimeError" in bad["error"].item() and "forced failure" in bad["error"].item()
     for _, row in ok.iterrows():  # metrics come from each point's own summary.json
         assert row["score"] == row["a"] * 10 + len(row["b"])
-        assert row["test.recall@1"] == pytest.approx(row["a"] / 10)
+        assert row["test/recall@1"] == pytest.approx(row["a"] / 10)
     assert math.isnan(bad["score"].item())
 
     # every point keeps its executed notebook next to its run; the CSV matches the table
@@ -132,12 +143,19 @@ def test_sweep_2x2_one_failure_then_rerun_skips_done(tmp_path):
     failed_nb = nbformat.read(out / bad["point"].item() / "notebook.ipynb", as_version=4)
     assert any(o.get("ename") == "RuntimeError" for c in failed_nb.cells for o in c.get("outputs", []))
 
-    # re-running skips the three completed points and tries the failed one again
+    # re-running skips the three completed points and tries the failed one again, in a fresh
+    # directory: the failed attempt is moved aside with its error, not deleted
     done_mtimes = {n: (out / n / "status.json").stat().st_mtime_ns for n in ok["point"]}
     table2 = run_sweep(nb, grid, out, jobs=1, progress=False)
     assert {n: (out / n / "status.json").stat().st_mtime_ns for n in ok["point"]} == done_mtimes
-    assert (table2["status"] == "ok").sum() == 3  # still failing: recorded again, not dropped
+    assert len(table2) == 4 and (table2["status"] == "ok").sum() == 3  # the aside is no row
     assert table2.loc[table2["status"] == "failed", "seconds"].item() > 0
+    failed_name = bad["point"].item()
+    aside = out / f"{failed_name}.failed-1"
+    assert "forced failure" in json.loads((aside / "status.json").read_text())["error"]
+    assert (aside / "notebook.ipynb").is_file()
+    again = json.loads((out / failed_name / "status.json").read_text())
+    assert again["earlier_attempts"] == [aside.name] and "forced failure" in again["error"]
 
 
 def test_run_sweep_validates(tmp_path):
@@ -166,6 +184,11 @@ def test_cli_parser_registers_sweep():
     args = parser.parse_args(["sweep", "nb.ipynb", "--grid", "g.yaml", "--out", "o", "--jobs", "3"])
     assert (args.notebook, args.grid, args.out, args.jobs) == ("nb.ipynb", "g.yaml", "o", 3)
     assert callable(args.func)
+    assert (args.cell_timeout, args.notebook_timeout) == (None, None)  # the notebook's defaults
+    args = parser.parse_args(["sweep", "nb.ipynb", "--grid", "g", "--out", "o",
+                              "--cell-timeout", "90", "--notebook-timeout", "600"])
+    assert (args.cell_timeout, args.notebook_timeout) == (90.0, 600.0)
+    assert parser.parse_args(["sweep", "n", "--grid", "g", "--out", "o", "--timeout", "5"]).cell_timeout == 5.0
 
 
 @pytest.mark.slow

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from dmlnb import experiment as E
 from dmlnb import runs
 from dmlnb import train as T
 from dmlnb.config import TrainConfig
 from dmlnb.defaults import RANK_ALPHA, RANK_BETA, RANK_SCALE, SSR_LEVELS
+from dmlnb.distributed import resolve_device
 from dmlnb.losses import LOSSES
 
 # 12 typefaces per character: 300 train / 72 val / 372 test images; batches of 4 classes x 4
@@ -88,8 +90,8 @@ def test_fit_without_ssr_never_fires_and_accepts_a_dict(tmp_path):
     assert all(r["ssr"] == 0 and r["loss_rank"] is None for r in steps)
     assert all(r["loss"] == pytest.approx(r["loss_metric"]) for r in steps)
     # the SSR head was not trained: its weights are those of the seeded initial model
-    model = runs.load_model(result.run_dir, which="last")
-    init = T.seeded_model(TrainConfig.from_dict(d), in_channels=1)
+    model = E.load_model(result.run_dir, which="last")
+    init = E.seeded_model(TrainConfig.from_dict(d), in_channels=1)
     for a, b in zip(model.ssr_head.parameters(), init.ssr_head.parameters(), strict=True):
         assert torch.equal(a, b)
 
@@ -117,7 +119,7 @@ def test_one_backbone_pass_on_originals_and_views(tmp_path, monkeypatch):
     """Each step calls the model once, on B + M N images when SSR fires; the ranking loss gets
     the originals' SSR embeddings of the M picked images as anchors and their own views."""
     sizes = []
-    build = T.build_model
+    build = E.build_model
 
     def spy_build(*args, **kwargs):
         model = build(*args, **kwargs)
@@ -131,10 +133,11 @@ def test_one_backbone_pass_on_originals_and_views(tmp_path, monkeypatch):
         return model
 
     # identity "views": each view equals its original, so with correct anchors S_n = 1 for all n
-    monkeypatch.setattr("dmlnb.transforms.make_views",
+    monkeypatch.setattr("dmlnb.ssr.make_views",
                         lambda images, levels, **kw: images.unsqueeze(1).repeat(1, levels, 1, 1, 1))
-    monkeypatch.setattr(T, "build_model", spy_build)
-    cfg = tiny(tmp_path, ssr_prob=1.0, epochs=1, steps_per_epoch=2, freeze_bn=True)
+    monkeypatch.setattr(E, "build_model", spy_build)
+    cfg = tiny(tmp_path, ssr_prob=1.0, epochs=1, steps_per_epoch=2, freeze_bn=True,
+               ssr_diag_images=0)  # the SSR probe makes passes of its own
     rd = T.fit(cfg).run_dir
     B, M, N = cfg.batch_size, cfg.ssr_images, cfg.ssr_levels
     train_calls = [s for s in sizes if s[1]]
@@ -202,7 +205,7 @@ def test_resume_refuses_a_different_config(tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    build = T.build_metric_loss
+    build = E.build_metric_loss
 
     class Poisoned(torch.nn.Module):
         def __init__(self, inner):
@@ -214,7 +217,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
             out = self.inner(x, y)
             return out * float("nan") if self.calls == 3 else out
 
-    monkeypatch.setattr(T, "build_metric_loss", lambda *a, **k: Poisoned(build(*a, **k)))
+    monkeypatch.setattr(E, "build_metric_loss", lambda *a, **k: Poisoned(build(*a, **k)))
     cfg = tiny(tmp_path, run_dir=str(tmp_path / "run"))
     with pytest.raises(FloatingPointError, match=r"loss became nan at epoch 1, step 3.*last good"):
         T.fit(cfg)
@@ -229,14 +232,14 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_pat
 
 def test_load_model_and_evaluate_run_reproduce_the_final_test(tmp_path):
     result = T.fit(tiny(tmp_path, loss="triplet"))
-    model = runs.load_model(result.run_dir)
+    model = E.load_model(result.run_dir)
     run = runs.load_run(result.run_dir)
-    ds = T.load_split(run.train_config(), "test", train=False)
-    got = T.embed(model, ds, batch_size=100)
+    ds = E.load_split(run.train_config(), "test", train=False)
+    got = E.embed(model, ds, batch_size=100)
     saved = run.embeddings()
     assert np.allclose(got["embeddings"], saved["embeddings"], atol=1e-5)
     assert np.array_equal(got["labels"], saved["labels"])
-    again = T.evaluate_run(result.run_dir)
+    again = E.evaluate_run(result.run_dir)
     for k, v in result.metrics.items():
         assert again[k] == pytest.approx(v, abs=1e-6), k
 
@@ -254,9 +257,9 @@ def test_schedules():
 
 def test_param_groups_use_head_multiplier_and_loss_rate(tmp_path):
     cfg = tiny(tmp_path, loss="margin", lr=1e-3, head_lr_mult=10.0)
-    model = T.build_model(cfg, in_channels=1)
-    loss = T.build_metric_loss(cfg, num_classes=25, generator=torch.Generator())
-    groups = {g["name"]: g for g in T._param_groups(cfg, model, loss)}
+    model = E.build_model(cfg, in_channels=1)
+    loss = E.build_metric_loss(cfg, num_classes=25, generator=torch.Generator())
+    groups = {g["name"]: g for g in T.param_groups(cfg, model, loss)}
     assert groups["backbone"]["lr"] == 1e-3 and groups["heads"]["lr"] == pytest.approx(1e-2)
     assert len(groups) == 3  # + margin's beta at its own rate
     ids = [id(p) for g in groups.values() for p in g["params"]]
@@ -266,19 +269,19 @@ def test_param_groups_use_head_multiplier_and_loss_rate(tmp_path):
 
 
 def test_devices_and_amp_fallback(tmp_path):
-    assert T.resolve_device("cpu").type == "cpu"
-    assert T.resolve_device("auto").type in ("cpu", "cuda", "mps")
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
-            T.resolve_device("cuda")
+            resolve_device("cuda")
         with pytest.warns(UserWarning, match="amp='bf16' applies on CUDA only"):
-            trainer = T._Trainer(tiny(tmp_path, amp="bf16"), None)
+            trainer = T.Trainer(tiny(tmp_path, amp="bf16"), None)
         assert trainer.amp == "none"
 
 
 def test_resume_after_a_crash_before_the_first_checkpoint_starts_over(tmp_path, monkeypatch):
     rd = tmp_path / "run"
-    build = T.build_metric_loss
+    build = E.build_metric_loss
 
     def crash(*a, **k):
         loss = build(*a, **k)
@@ -294,7 +297,7 @@ def test_resume_after_a_crash_before_the_first_checkpoint_starts_over(tmp_path, 
         loss.forward = boom
         return loss
 
-    monkeypatch.setattr(T, "build_metric_loss", crash)
+    monkeypatch.setattr(E, "build_metric_loss", crash)
     cfg = tiny(tmp_path, run_dir=str(rd), epochs=1)
     with pytest.raises(KeyboardInterrupt):
         T.fit(cfg)

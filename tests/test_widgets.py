@@ -13,7 +13,7 @@ from PIL import Image
 
 from dmlnb import widgets
 from dmlnb.model import EmbeddingNet
-from dmlnb.transforms import apply_view, sample_direction
+from dmlnb.views import apply_view, sample_direction
 
 
 class _Data:

@@ -1,6 +1,9 @@
 """``dmlnb data ...``: download a benchmark, or count what is on disk.
 
-- ``dmlnb data download NAME --root DIR [--url URL] [--md5 HEX] [--sha256 HEX] [--quiet]``
+- ``dmlnb data download NAME --root DIR [--url URL] [--md5 HEX] [--sha256 HEX] [--quiet]``:
+  exit status 0 when the data set is in place, 1 when the download, the checksum or the extraction
+  failed (one line on stderr saying why and what to do, no traceback), 2 for a data set that
+  needs a manual copy (cars196, sop; the message says where to put it).
 - ``dmlnb data info NAME [--root DIR]``: classes and images per split, next to the standard sizes.
 
 The console script (:mod:`dmlnb.cli`) calls :func:`add_parser` with its sub-parsers; ``main``
@@ -26,6 +29,10 @@ def _download(args: argparse.Namespace) -> int:
     except ManualDownloadRequired as err:
         print(str(err), file=sys.stderr)
         return 2
+    except (OSError, ValueError) as err:  # offline, server error, disk, checksum, unsafe archive
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"dmlnb data download: error: {message}", file=sys.stderr)
+        return 1
     print(f"{args.name} is ready under {path}")
     return 0
 
@@ -60,6 +67,18 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build_icons_arguments(parser: argparse.ArgumentParser) -> None:
+    from dmlnb.data.build_icons import add_arguments
+
+    add_arguments(parser)
+
+
+def _build_icons(args: argparse.Namespace) -> int:
+    from dmlnb.data.build_icons import command
+
+    return command(args)
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``data download`` and ``data info`` on ``subparsers`` (``set_defaults(func=...)``).
 
@@ -67,7 +86,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     """
     data = subparsers.add_parser("data", help="download a benchmark or count what is on disk",
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = data.add_subparsers(dest="data_command", metavar="{download,info}")
+    sub = data.add_subparsers(dest="data_command", metavar="{download,info,build}")
     sub.required = True
 
     dl = sub.add_parser("download", help="download, check and extract a benchmark (cub200); "
@@ -85,6 +104,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     inf.add_argument("name", choices=dataset_names())
     inf.add_argument("--root", default=None, help="folder that holds the data set (real benchmarks)")
     inf.set_defaults(func=_info)
+
+    bld = sub.add_parser("build", help="build a data set on this machine from installed Debian packages "
+                         "(icons: the icon themes of _assets/icon_themes.txt)")
+    bld_sub = bld.add_subparsers(dest="build_target", metavar="{icons}")
+    bld_sub.required = True
+    icons = bld_sub.add_parser("icons", help="render the icon themes into the icons data set "
+                               "($DMLNB_DATA/icons or ~/.cache/dmlnb/icons)")
+    _build_icons_arguments(icons)
+    icons.set_defaults(func=_build_icons)
     return data
 
 

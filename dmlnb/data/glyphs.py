@@ -1,7 +1,7 @@
 """The embedded ``glyphs`` data set: real typefaces rendered as 32x32 character images.
 
 Class = character (62: ``0-9 A-Z a-z``); intra-class variation = typeface (878 fonts from 230
-families in Debian's font packages). Built by :mod:`dmlnb.data.build_glyphs`; shipped in the package.
+families in Debian's font packages). Built by `tools/build_glyphs.py` in the repository; shipped in the package.
 
 Published class-disjoint split (``_assets/glyphs_splits.json``, seed 20210202): 31 test characters,
 6 validation characters and 25 training characters. ``trainval`` = training + validation characters.
@@ -20,10 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dmlnb.data.assets import ASSETS
 from dmlnb.data.registry import register
 from dmlnb.data.tensor import TensorImageDataset, check_options, resize_uint8, select_per_class
-
-from .build_glyphs import ASSETS
 
 OPTIONS = ("image_size", "max_per_class", "subset_seed", "transform")
 

@@ -6,6 +6,12 @@ half-copied data set has truncated files. Every image that :func:`read_image` re
 :class:`PIL.Image.Image`; a file that cannot be decoded raises :class:`CorruptImageError` naming the
 file, so that a crash in a DataLoader worker says which file to look at.
 
+Orientation: phone and camera JPEGs store the sensor's pixels plus an EXIF ``Orientation`` tag
+that viewers apply. :func:`read_image` applies it too (:func:`PIL.ImageOps.exif_transpose`), so
+an image is seen upright, as a person sees it, and the tag is dropped from the returned image. A
+file whose EXIF block cannot be parsed is returned as decoded (orientation is metadata; the pixels
+are fine).
+
 Conversion rules (:func:`to_rgb`)
 ---------------------------------
 - ``RGB``: unchanged.
@@ -23,9 +29,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from struct import error as struct_error
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 #: File name endings :func:`is_image_file` accepts (compared in lower case).
 IMAGE_EXTENSIONS = (
@@ -102,6 +109,16 @@ def to_rgb(
     return image.convert("RGB")
 
 
+def _upright(image: Image.Image) -> Image.Image:
+    """``image`` rotated/flipped as its EXIF Orientation tag says (unchanged without one)."""
+    try:
+        if image.getexif().get(ExifTags.Base.Orientation, 1) == 1:
+            return image  # the common case: no copy
+        return ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, TypeError, KeyError, struct_error):
+        return image  # unreadable EXIF block: keep the pixels as decoded
+
+
 def read_image(
     path: str | os.PathLike, *, background: tuple[int, int, int] = DEFAULT_BACKGROUND
 ) -> Image.Image:
@@ -109,6 +126,7 @@ def read_image(
 
     The whole file is decoded here (``Image.load``), so a truncated file fails now, with its name,
     and not later inside a transform. Pillow's global ``LOAD_TRUNCATED_IMAGES`` is never changed.
+    The EXIF ``Orientation`` tag is applied (module docstring).
 
     Raises
     ------
@@ -118,7 +136,7 @@ def read_image(
     try:
         with Image.open(path) as img:
             img.load()
-            return to_rgb(img, background)
+            return to_rgb(_upright(img), background)
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError, Image.DecompressionBombError) as err:
         if isinstance(err, CorruptImageError):
             raise

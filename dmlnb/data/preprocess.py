@@ -1,132 +1,37 @@
-"""Train and test image pipelines of the DML field, for PIL images.
+"""Train and test image pipelines of the DML field, for PIL images and image tensors.
 
-- train: ``Resize(resize) -> RandomCrop(crop) -> RandomHorizontalFlip(0.5) -> ToTensor``
-- test:  ``Resize(resize) -> CenterCrop(crop) -> ToTensor``
+- train: ``Resize(resize) -> RandomCrop(crop) -> RandomHorizontalFlip(0.5) -> float [0, 1]``
+- test:  ``Resize(resize) -> CenterCrop(crop) -> float [0, 1]``
 
-with ``resize = 256`` and ``crop = 224`` by default (PAPER.md, "Training protocol";
+with ``resize = 256`` and ``crop = 224`` by default (docs/method.md, "Training protocol";
 :mod:`dmlnb.defaults` ``RESIZE``/``CROP``). ``Resize(s)`` scales the *shorter* side to ``s`` and keeps
 the aspect ratio (bilinear, antialiased), as torchvision's ``Resize(int)``.
 
 The pipelines end in ``[0, 1]`` float tensors ``[3, crop, crop]`` **without** ImageNet
 normalisation by default: the model normalises its inputs itself, and the self-supervised views are
-made from the un-normalised image (PAPER.md, defect 1). ``normalize=True`` appends
+made from the un-normalised image (docs/method.md, reproduction defect 1). ``normalize=True`` appends
 ``Normalize(IMAGENET_MEAN, IMAGENET_STD)`` for users who feed another model.
 
-Randomness: the random crop offset and the flip coin are drawn from ``generator`` when one is given
-(deterministic single-process use, tests). Without one they come from torch's default generator,
-which a :class:`torch.utils.data.DataLoader` seeds in each worker from its own ``generator=``
-argument: pass ``DataLoader(..., generator=torch.Generator().manual_seed(seed))`` for reproducible
-augmentation with workers. (A generator object handed to the transform would be copied into every
-worker with the same state, giving every worker the same crops.)
+The pipelines are :mod:`torchvision.transforms.v2` compositions. Randomness (the crop offset and
+the flip coin) comes from torch's default generator, as in torchvision; dmlnb's trainer runs every
+training item under :func:`torch.random.fork_rng` seeded from the run's seed, the epoch and the
+position (:class:`dmlnb.experiment.SeededDataset`), so augmentation is reproducible with any
+number of loader workers. Outside the trainer, seed it the same way::
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        x = transform(img)
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
-from PIL import Image
-from torchvision.transforms import functional as TF
+from torchvision.transforms import v2
 
-from dmlnb._validate import check_positive_int, check_range
+from dmlnb._validate import check_positive_int
 from dmlnb.defaults import CROP, IMAGENET_MEAN, IMAGENET_STD, RESIZE
-
-
-class RandomCrop:
-    """Crop a ``size x size`` window at a uniformly random offset (torchvision's RandomCrop rule).
-
-    The image must be at least ``size`` on both sides (``Resize(resize >= size)`` guarantees it).
-    """
-
-    def __init__(self, size: int, generator: torch.Generator | None = None) -> None:
-        self.size = check_positive_int("crop", size)
-        self.generator = generator
-
-    def __call__(self, img: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
-        w, h = TF.get_image_size(img)
-        if w < self.size or h < self.size:
-            raise ValueError(f"image of size {w}x{h} is smaller than crop={self.size}")
-        top = int(torch.randint(0, h - self.size + 1, (1,), generator=self.generator))
-        left = int(torch.randint(0, w - self.size + 1, (1,), generator=self.generator))
-        return TF.crop(img, top, left, self.size, self.size)
-
-    def __repr__(self) -> str:
-        return f"RandomCrop(size={self.size})"
-
-
-class RandomHorizontalFlip:
-    """Mirror left-right with probability ``p`` (default 0.5)."""
-
-    def __init__(self, p: float = 0.5, generator: torch.Generator | None = None) -> None:
-        self.p = check_range("flip_prob", p, 0.0, 1.0)
-        self.generator = generator
-
-    def __call__(self, img: Image.Image | torch.Tensor) -> Image.Image | torch.Tensor:
-        if float(torch.rand((), generator=self.generator)) < self.p:
-            return TF.hflip(img)
-        return img
-
-    def __repr__(self) -> str:
-        return f"RandomHorizontalFlip(p={self.p})"
-
-
-class Pipeline:
-    """A sequence of callables applied in order; ``steps`` lists them (printable, picklable)."""
-
-    def __init__(self, steps: Sequence[Callable]) -> None:
-        self.steps = list(steps)
-
-    def __call__(self, img):
-        for step in self.steps:
-            img = step(img)
-        return img
-
-    def __repr__(self) -> str:
-        inner = ",\n    ".join(map(repr, self.steps))
-        return f"Pipeline(\n    {inner}\n)"
-
-
-class _Resize:
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def __call__(self, img):
-        return TF.resize(img, self.size, interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
-
-    def __repr__(self) -> str:
-        return f"Resize({self.size}, bilinear, antialias)"
-
-
-class _CenterCrop:
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def __call__(self, img):
-        return TF.center_crop(img, [self.size, self.size])
-
-    def __repr__(self) -> str:
-        return f"CenterCrop({self.size})"
-
-
-class _ToTensor:
-    def __call__(self, img):
-        if isinstance(img, torch.Tensor):
-            return img.float().div(255) if img.dtype == torch.uint8 else img.float()
-        return TF.to_tensor(img)
-
-    def __repr__(self) -> str:
-        return "ToTensor()  # float [0, 1]"
-
-
-class _Normalize:
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        self.mean, self.std = list(mean), list(std)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return TF.normalize(x, self.mean, self.std)
-
-    def __repr__(self) -> str:
-        return f"Normalize(mean={self.mean}, std={self.std})"
 
 
 def build_transform(
@@ -138,8 +43,7 @@ def build_transform(
     normalize: bool = False,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
-    generator: torch.Generator | None = None,
-) -> Pipeline:
+) -> v2.Compose:
     """The field's train or test pipeline for PIL images (see the module docstring).
 
     Parameters
@@ -154,16 +58,14 @@ def build_transform(
     flip : bool, default True
         Random horizontal flip with probability 0.5 (train only).
     normalize : bool, default False
-        Append ``Normalize(mean, std)``; off because the model normalises (PAPER.md, defect 1).
+        Append ``Normalize(mean, std)``; off because the model normalises (docs/method.md, reproduction defect 1).
     mean, std : sequence of float, default ImageNet (torchvision's values)
         Used only when ``normalize`` is true.
-    generator : torch.Generator, optional
-        Source of the crop offsets and flip coins (see the module docstring).
-
     Returns
     -------
-    Pipeline
-        A callable ``PIL.Image -> torch.FloatTensor [C, crop, crop]``.
+    torchvision.transforms.v2.Compose
+        A callable ``PIL.Image`` (or ``[C, H, W]`` tensor, uint8 or float in [0, 1]) ->
+        ``torch.FloatTensor [C, crop, crop]`` in [0, 1] (normalised with ``normalize``).
     """
     if not isinstance(train, bool):
         raise TypeError(f"train must be a bool, got {type(train).__name__} ({train!r})")
@@ -171,16 +73,18 @@ def build_transform(
     check_positive_int("crop", crop)
     if resize < crop:
         raise ValueError(f"resize={resize} must be >= crop={crop} (the crop is taken after resizing)")
+    steps: list = [v2.Resize(resize, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)]
     if train:
-        steps: list[Callable] = [_Resize(resize), RandomCrop(crop, generator)]
+        steps.append(v2.RandomCrop(crop))
         if flip:
-            steps.append(RandomHorizontalFlip(0.5, generator))
+            steps.append(v2.RandomHorizontalFlip(0.5))
     else:
-        steps = [_Resize(resize), _CenterCrop(crop)]
-    steps.append(_ToTensor())
+        steps.append(v2.CenterCrop(crop))
+    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
     if normalize:
-        steps.append(_Normalize(mean, std))
-    return Pipeline(steps)
+        steps.append(v2.Normalize(list(mean), list(std)))
+    steps.append(v2.ToPureTensor())
+    return v2.Compose(steps)
 
 
 def resize_for(crop: int) -> int:
@@ -192,4 +96,4 @@ def resize_for(crop: int) -> int:
     return max(crop, int(round(crop * RESIZE / CROP)))
 
 
-__all__ = ["Pipeline", "RandomCrop", "RandomHorizontalFlip", "build_transform", "resize_for"]
+__all__ = ["build_transform", "resize_for"]

@@ -3,13 +3,14 @@
 Each data module registers a loader with :func:`register`. A loader is called as
 ``loader(split, root, **options)`` and returns a :class:`torch.utils.data.Dataset` whose items are
 ``(image, label)`` with ``image`` a float tensor ``[C, H, W]`` in ``[0, 1]`` (**not** normalised: the
-model normalises, so that self-supervised views are made from the raw image, PAPER.md defect 1), and
+model normalises, so that self-supervised views are made from the raw image, docs/method.md, reproduction defect 1), and
 which exposes
 
 - ``labels``: ``numpy.ndarray`` of int64, contiguous ``0 .. len(classes) - 1`` within the split,
 - ``classes``: list of class names, ``classes[label]``,
 - ``channels``: 1 (grayscale) or 3 (RGB),
-- ``metadata`` (optional): a ``pandas.DataFrame`` with one row per item (glyphs: the typeface).
+- ``metadata`` (optional): a ``pandas.DataFrame`` with one row per item (glyphs: the typeface;
+  icons: the theme and theme family).
 """
 
 from __future__ import annotations
@@ -21,8 +22,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from dmlnb._validate import check_choice
-
-SPLITS = ("train", "val", "trainval", "test")
+from dmlnb.defaults import SPLITS
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,7 @@ class DatasetInfo:
     description: str
     needs_root: bool
     splits: tuple[str, ...] = SPLITS
+    how_to_get: str = ""  #: how a user gets the data (shown when ``root`` is missing)
 
 
 _REGISTRY: dict[str, DatasetInfo] = {}
@@ -46,20 +47,19 @@ def register(
     *,
     needs_root: bool = False,
     splits: tuple[str, ...] = SPLITS,
+    how_to_get: str = "",
 ) -> None:
     """Register ``loader`` under ``name`` (done once, at import of the data module)."""
-    _REGISTRY[name] = DatasetInfo(name, loader, description, needs_root, splits)
+    _REGISTRY[name] = DatasetInfo(name, loader, description, needs_root, splits, how_to_get)
 
 
 def dataset_names() -> list[str]:
     """The names :func:`load_dataset` accepts."""
-    _import_builtin_loaders()
     return sorted(_REGISTRY)
 
 
 def dataset_info(name: str) -> DatasetInfo:
     """The :class:`DatasetInfo` of ``name``; a ValueError lists the valid names."""
-    _import_builtin_loaders()
     check_choice("dataset", name, sorted(_REGISTRY))
     return _REGISTRY[name]
 
@@ -83,19 +83,7 @@ def load_dataset(name: str, split: str, root: str | None = None, **options: Any)
     check_choice("split", split, info.splits)
     if info.needs_root and root is None:
         raise ValueError(
-            f"dataset {name!r} needs root=, the folder that holds it; "
-            f"see `dmlnb data download {name} --root DIR` or the README section 'Real benchmarks'"
+            f"dataset {name!r} needs root=, the folder that holds it"
+            + (f": {info.how_to_get}" if info.how_to_get else "")
         )
     return info.loader(split, root, **options)
-
-
-def _import_builtin_loaders() -> None:
-    # Importing the modules registers their loaders; done lazily to keep `import dmlnb.data` light.
-    import importlib
-
-    for module in ("dmlnb.data.glyphs", "dmlnb.data.small", "dmlnb.data.benchmarks"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:  # a module not written yet must not hide the others
-            if err.name != module:
-                raise

@@ -2,7 +2,7 @@
 
 :class:`ClassBalancedBatchSampler` is a batch sampler (pass it as ``DataLoader(batch_sampler=...)``).
 A global batch holds ``classes_per_batch = P`` **distinct** classes with ``samples_per_class = m``
-images each (defaults 30 x 4 = 120, PAPER.md; :mod:`dmlnb.defaults`).
+images each (defaults 30 x 4 = 120, docs/method.md; :mod:`dmlnb.defaults`).
 
 The epoch rule (exact)
 ----------------------

@@ -1,6 +1,6 @@
 """The DML losses SSR is combined with, and the self-supervised ranking loss.
 
-``L = L_metric + gamma * L_rank`` (PAPER.md): ``L_metric`` is one of :data:`LOSSES`, built with
+``L = L_metric + gamma * L_rank`` (docs/method.md): ``L_metric`` is one of :data:`LOSSES`, built with
 :func:`build_loss`; ``L_rank`` is :class:`RankingLoss`.
 
 Common interface of the DML losses (``nn.Module``):

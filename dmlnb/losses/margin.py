@@ -76,7 +76,11 @@ class MarginLoss(StatsMixin, nn.Module):
         L    = (sum_triplets (l_ap + l_an) + nu * sum_triplets beta_a) / max(1, #{l > 0})
 
     i.e. the sum over triplets divided by the number of non-zero pair terms, with the ``nu``
-    regulariser summed per triplet as in the authors' code.
+    regulariser summed per triplet as in the authors' code. The ``nu`` term is added only when
+    beta is learnable (``learn_beta=True``): a fixed beta has nothing to regularise, and adding the
+    constant would only shift the reported loss (gradients are the same either way). This is what
+    pytorch-metric-learning does (its ``beta_reg_loss`` is zero unless ``learn_beta``), so with a
+    fixed beta and any ``nu`` the two report the same value.
 
     Parameters
     ----------
@@ -87,7 +91,8 @@ class MarginLoss(StatsMixin, nn.Module):
     num_classes : int or None, default None
         ``None``: one global beta. An int: one beta per class, indexed by the anchor's label
         (labels must then lie in ``[0, num_classes)``).
-    nu : float, default 0 (Wu et al. 2017), weight of the beta regulariser.
+    nu : float, default 0 (Wu et al. 2017), weight of the beta regulariser (used only with
+        ``learn_beta=True``).
     cutoff : float, default 0.5 (Wu et al. 2017), lower cut-off on the normalised L2 distance used
         for the sampling weights.
     nonzero_loss_cutoff : float or None, default None
@@ -110,10 +115,12 @@ class MarginLoss(StatsMixin, nn.Module):
     * Sampling is i.i.d. with replacement, one negative per (anchor, positive) pair, as in the
       authors' MXNet code; it assumes no batch layout beyond "labels tell classes".
     * Differences from pytorch-metric-learning's ``MarginLoss`` + ``DistanceWeightedMiner``: PML
-      normalises embeddings inside its distance; its ``nu`` term for a global beta is ``nu * beta``,
-      neither summed over triplets nor divided; its miner takes one max over the whole matrix and
-      zeroes ``inf`` weights; its upper cut-off (1.4) is on by default. With ``nu = 0`` and the same
-      (fixed) triplets on normalised embeddings the two losses agree.
+      normalises embeddings inside its distance; its ``nu`` term for a global learnable beta is
+      ``nu * beta``, neither summed over triplets nor divided (per-class betas: the same as ours;
+      fixed beta: no term in either); its miner takes one max over the whole matrix and
+      zeroes ``inf`` weights; its upper cut-off (1.4) is on by default. With the same (fixed)
+      triplets on normalised embeddings the two losses agree for ``nu = 0``, for a fixed beta
+      with any ``nu`` and for per-class betas with any ``nu``.
     * An anchor without positives (a one-sample class) or without negatives contributes nothing; a
       batch without any triplet returns 0 with a gradient path.
 
@@ -244,7 +251,8 @@ class MarginLoss(StatsMixin, nn.Module):
             neg_loss = F.relu(beta - d_an + self.margin)
             active = (pos_loss > 0).sum() + (neg_loss > 0).sum()
             count = active.clamp_min(1).to(x.dtype)
-            beta_reg = self.nu * beta.sum()
+            learnable = isinstance(self.beta, nn.Parameter)
+            beta_reg = self.nu * beta.sum() if learnable else beta.new_zeros(())
             loss = (pos_loss.sum() + neg_loss.sum() + beta_reg) / count
         self._record(
             pos_loss=pos_loss.sum() / count,

@@ -10,9 +10,8 @@ from torch import nn
 
 from dmlnb import defaults
 from dmlnb._validate import check_choice, check_range
+from dmlnb.defaults import RANK_PAIR_CHOICES
 from dmlnb.losses._common import StatsMixin, compute_dtype, full_precision, log1p_sum_exp
-
-RANK_PAIR_CHOICES = ("adjacent", "all")
 
 
 class RankingParts(NamedTuple):
@@ -51,7 +50,7 @@ class RankingLoss(StatsMixin, nn.Module):
 
     Parameters
     ----------
-    scale : float, default 12 (s; REPRO, see PAPER.md "The ranking objective")
+    scale : float, default 12 (s; REPRO, see docs/method.md "The ranking objective")
     alpha : float, default 0.05 (list-wise margin; REPRO)
     beta : float, default 0.5 (point-wise floor; REPRO)
     pos_weight : float, default 1 (lambda_r; REPRO)
@@ -69,7 +68,7 @@ class RankingLoss(StatsMixin, nn.Module):
     ----------
     Fu, Li, Mao, Wang, Zhang, "Deep Metric Learning with Self-Supervised Ranking", AAAI 2021. The
     paper names a "list-wise ranking" and a "point-wise" loss; these exact forms and values are the
-    public reproduction's (PAPER.md).
+    public reproduction's (docs/method.md).
     """
 
     def __init__(

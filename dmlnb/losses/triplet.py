@@ -32,7 +32,7 @@ class TripletLoss(StatsMixin, nn.Module):
 
     Parameters
     ----------
-    margin : float, default 0.2 (Schroff et al. 2015; CONVENTIONS.md)
+    margin : float, default 0.2 (Schroff et al. 2015; docs/conventions.md)
 
     Notes
     -----

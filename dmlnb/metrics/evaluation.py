@@ -118,7 +118,9 @@ def evaluate(
         or ``f1`` is asked for; the k-NN only when a retrieval metric is.
     normalize : L2-normalise embeddings (cosine similarity; KMeans on the normalised vectors).
     kmeans_seed : KMeans seed, default ``KMEANS_SEED`` = 0.
-    kmeans_backend : "auto" (faiss if installed, else scikit-learn), "sklearn" or "faiss".
+    kmeans_backend : "auto" (faiss if installed, else scikit-learn), "sklearn" or "faiss"; both
+        start from the same seeded k-means++ centroids, so NMI and F1 do not depend on it beyond
+        seed noise (:mod:`dmlnb.metrics.clustering`).
     nmi_average : "arithmetic" (default, ``NMI_AVERAGE``), "geometric" (older papers), "min", "max".
     average : "micro" (mean over queries, default) or "class" (mean over classes of the mean over
         each class's queries, "average of averages"). NMI and F1 are not affected.
@@ -133,7 +135,11 @@ def evaluate(
         queries with no other item of their label in the reference set; excluded from
         R-Precision and MAP@R, counted as misses in Recall@K).
         R-Precision and MAP@R are NaN when every query is lone. In query/gallery form NMI and F1
-        cluster the queries (k = number of query classes).
+        cluster the queries (k = number of query classes). With a single (query) class NMI and F1
+        are NaN, with a :class:`~dmlnb.metrics.clustering.SingleClassWarning`: they are undefined
+        there (any embedding would score a perfect 1.0), while the retrieval metrics stay defined
+        and are returned as usual (why NaN and not an error:
+        :func:`~dmlnb.metrics.clustering.cluster_scores`).
 
     References
     ----------

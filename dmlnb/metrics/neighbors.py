@@ -31,6 +31,8 @@ is reused from block to block.
 from __future__ import annotations
 
 import contextlib
+import math
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -111,6 +113,459 @@ def blas_threads_like_torch(work: float) -> contextlib.AbstractContextManager:
     except ImportError:  # pragma: no cover - scikit-learn brings it
         return contextlib.nullcontext()
     return threadpool_limits(limits=torch.get_num_threads(), user_api="blas")
+
+
+# ----------------------------------------------------------------------------- symmetric search
+#
+# Leave-one-out search among n items: the similarity matrix is symmetric, so each pair of tiles
+# (I, J), I <= J, is computed once and feeds the lists of its rows (items of I) and of its
+# columns (items of J). Every list receives the candidates of each tile once and is merged by an
+# exact total order (see _sortable), so the arrival order of the tiles does not matter.
+
+# rows per group of the prefilter: one max over each group of rows of a tile finds the
+# (group, column) cells that can hold a candidate for the column's list or for a row of the
+# group; only those cells are read again. DECISION (measured on the SOP-sized benchmark).
+SYMMETRIC_GROUP = 8
+# rows of the tiles computed up front to check that the BLAS gives each pair the value the
+# per-row search gives it (a canary, see NotReproducibleError)
+_PROBE_ROWS = 16
+# rows of one slab of a tile's product (reduced to group maxima while in cache) and bands of
+# groups per comparison. DECISION (measured on the SOP-sized benchmark).
+_SLAB_ROWS = 512
+_BAND_GROUPS = 16
+# smallest tile the default (automatic) choice uses
+_MIN_TILE = 256
+# class-sorted rows per block when the best same-class similarity is computed up front
+_BAND_ROWS = 512
+_INT64_MIN = np.iinfo(np.int64).min
+_LOW_MASK = np.int64(0xFFFFFFFF)
+_INDEX_TOP = np.int64(2**31 - 1)
+
+
+class NotReproducibleError(RuntimeError):
+    """The BLAS gave a pair a different value in a tile than in a per-row block."""
+
+
+def symmetric_tile_size(itemsize: int = 4, budget: int | None = None) -> int:
+    """Rows (= columns) of one tile of the symmetric search: a tile plus temporaries in ``budget``
+    (default :data:`KNN_BLOCK_BYTES`): 4,096 for float32."""
+    budget = KNN_BLOCK_BYTES if budget is None else budget
+    return max(1, int(math.isqrt(budget // (2 * itemsize))))
+
+
+def _tile_bounds(n: int, tile: int) -> np.ndarray:
+    """Boundaries of ceil(n / tile) tiles of near-equal size (they differ by at most one row)."""
+    t = -(-n // max(1, tile))
+    return np.array([i * n // t for i in range(t + 1)], dtype=np.int64)
+
+
+def symmetric_applicable(
+    x: torch.Tensor, k: int, tile: int | None = None, *, forced: bool = False
+) -> bool:
+    """Whether :func:`symmetric_topk` serves a leave-one-out search of ``x`` (else: per-row blocks).
+
+    CPU float32 (OpenBLAS's float32 product gives each pair one value whatever the tile shape,
+    checked at run time by canaries; its float64 product does not, and on CUDA the product is
+    not the bottleneck), at least two tiles, neighbour lists (n x k int64 keys) within the block
+    memory budget, and, unless ``forced``, tiles of at least ``_MIN_TILE`` rows (smaller ones
+    cost more in per-tile overhead than they save).
+    """
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return False
+    n = x.shape[0]
+    tile = symmetric_tile_size() if tile is None else tile
+    if not forced and tile < _MIN_TILE:
+        return False
+    return n > tile and n * k * 8 <= KNN_BLOCK_BYTES and k < n
+
+
+def _sortable(vals: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """int64 keys whose order is the neighbour order: larger similarity, then lower index, first.
+
+    High 32 bits: the float32 bits mapped to an int32 of the same order (-0.0 as +0.0, since
+    they compare equal); low 32 bits: the index, reversed, and a flag restoring -0.0 when decoded.
+    Keys of one list are distinct (distinct indices), so any selection by key is exact.
+    """
+    b = np.ascontiguousarray(vals, dtype=np.float32).view(np.int32)
+    neg0 = b == np.int32(-(2**31))
+    b = np.where(neg0, np.int32(0), b)
+    b = np.where(b < 0, b ^ np.int32(0x7FFFFFFF), b).astype(np.int64)
+    return (b << 32) | ((_INDEX_TOP - index.astype(np.int64)) << 1) | neg0
+
+
+def _unsortable(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Similarities (float32, bit for bit) and indices of ``_sortable`` keys."""
+    hi = (keys >> 32).astype(np.int32)
+    low = keys & _LOW_MASK
+    b = np.where(hi < 0, hi ^ np.int32(0x7FFFFFFF), hi)
+    b = np.where((low & 1).astype(bool), np.int32(-(2**31)), b)
+    return b.view(np.float32), _INDEX_TOP - (low >> 1)
+
+
+def best_relevant(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Each item's largest similarity to another item of its class, and that item's index.
+
+    Items sorted by class (stable, so by index within a class); blocks of ``_BAND_ROWS`` of them
+    times the items of their classes, each a BLAS product of the per-row search's kind. Returns
+    ``s_star`` (float32, -inf for a lone item), ``j_star`` (int64, the lowest index among equal
+    maxima; n for a lone item) and the work done, in multiply-adds per dimension.
+    """
+    n = x.shape[0]
+    order = np.argsort(labels, kind="stable")
+    ys = labels[order]
+    _, first, counts = np.unique(ys, return_index=True, return_counts=True)
+    cls = np.repeat(np.arange(len(first)), counts)
+    cs, ce = first[cls], first[cls] + counts[cls]
+    xs = x[order]
+    s_sorted = np.full(n, -np.inf, dtype=np.float32)
+    j_sorted = np.full(n, n, dtype=np.int64)
+    bounds = _tile_bounds(n, _BAND_ROWS)
+    work = 0.0
+    for p0, p1 in zip(bounds[:-1], bounds[1:], strict=True):
+        lo, hi = cs[p0], ce[p1 - 1]
+        prod = np.matmul(xs[p0:p1], xs[lo:hi].copy().T)  # copy: never numpy's syrk path
+        work += float(p1 - p0) * float(hi - lo)
+        col = np.arange(lo, hi)
+        rows = np.arange(p0, p1)[:, None]
+        member = (col >= cs[p0:p1, None]) & (col < ce[p0:p1, None]) & (col != rows)
+        prod[~member] = -np.inf
+        at = prod.argmax(axis=1)  # first maximum: the lowest index (ascending within a class)
+        best = prod[np.arange(p1 - p0), at]
+        s_sorted[p0:p1] = best
+        j_sorted[p0:p1] = np.where(best > -np.inf, order[lo + at], n)
+    s_star = np.empty_like(s_sorted)
+    j_star = np.empty_like(j_sorted)
+    s_star[order], j_star[order] = s_sorted, j_sorted
+    return s_star, j_star, work
+
+
+def best_relevant_work(labels: np.ndarray) -> float:
+    """Multiply-adds per dimension that :func:`best_relevant` would do (for choosing a path)."""
+    ys = np.sort(labels, kind="stable")
+    _, first, counts = np.unique(ys, return_index=True, return_counts=True)
+    cls = np.repeat(np.arange(len(first)), counts)
+    cs, ce = first[cls], first[cls] + counts[cls]
+    bounds = _tile_bounds(len(ys), _BAND_ROWS)
+    return float(sum((p1 - p0) * (ce[p1 - 1] - cs[p0]) for p0, p1 in zip(bounds[:-1], bounds[1:], strict=True)))
+
+
+class _Lists:
+    """The k best keys of every item's list (descending), their k-th value, first-hit counts."""
+
+    def __init__(self, n: int, k: int, first_hit: tuple[np.ndarray, np.ndarray, int] | None):
+        self.k = k
+        self.keys = np.full((n, k), _INT64_MIN, dtype=np.int64)
+        self.kth_key = np.full(n, _INT64_MIN, dtype=np.int64)
+        self.kth_val = np.full(n, -np.inf, dtype=np.float32)
+        self.counting = first_hit is not None
+        if self.counting:
+            self.s_star, self.j_star, self.cap = first_hit
+            self.active = self.s_star > -np.inf
+            self.count = np.zeros(n, dtype=np.int64)
+        # threshold: a candidate below it can neither enter the list nor precede the first
+        # relevant item (while that is still being counted)
+        self.thr = self.kth_val.copy()
+
+    def refresh(self, lo: int, hi: int) -> None:
+        if self.counting:
+            self.active[lo:hi] &= self.count[lo:hi] < self.cap
+            self.thr[lo:hi] = np.where(
+                self.active[lo:hi],
+                np.minimum(self.kth_val[lo:hi], self.s_star[lo:hi]),
+                self.kth_val[lo:hi],
+            )
+        else:
+            self.thr[lo:hi] = self.kth_val[lo:hi]
+
+    def take(self, owner: np.ndarray, other: np.ndarray, v: np.ndarray, lo: int, hi: int) -> None:
+        """Offer candidates (list ``owner``, item ``other``, similarity ``v``); owners in [lo, hi)."""
+        if self.counting:
+            act = self.active[owner]
+            if act.any():
+                s = self.s_star[owner]
+                before = act & ((v > s) | ((v == s) & (other < self.j_star[owner])))
+                if before.any():
+                    self.count[lo:hi] += np.bincount(owner[before] - lo, minlength=hi - lo)
+            keep = v >= self.kth_val[owner]  # the others were only counted
+            owner, other, v = owner[keep], other[keep], v[keep]
+        keys = _sortable(v, other)
+        keep = keys > self.kth_key[owner]  # thresholds read before the last merge may be stale
+        if not keep.all():
+            owner, keys = owner[keep], keys[keep]
+        if len(owner) == 0:
+            return
+        # group by owner (any order within an owner: the merge sorts); uint16: radix sort
+        loc = owner - lo
+        order = np.argsort(loc.astype(np.uint16) if hi - lo <= 2**16 else loc, kind="stable")
+        loc, keys = loc[order], keys[order]
+        counts = np.bincount(loc, minlength=hi - lo)
+        rank = np.arange(len(loc)) - (np.cumsum(counts) - counts)[loc]
+        k = self.k
+        width = k + int(counts.max())
+        rows = np.flatnonzero(counts)
+        if 2 * len(rows) >= hi - lo:  # most lists change: work on the whole range
+            merged = np.full((hi - lo, width), _INT64_MIN, dtype=np.int64)
+            merged[:, :k] = self.keys[lo:hi]
+            merged[loc, k + rank] = keys
+            merged.sort(axis=1)
+            at = slice(lo, hi)
+        else:
+            slot = np.cumsum(counts > 0) - 1
+            merged = np.full((len(rows), width), _INT64_MIN, dtype=np.int64)
+            merged[:, :k] = self.keys[lo + rows]
+            merged[slot[loc], k + rank] = keys
+            merged.sort(axis=1)
+            at = lo + rows
+        best = merged[:, : -k - 1 : -1]
+        self.keys[at] = best
+        kth = best[:, -1]
+        self.kth_key[at] = kth
+        self.kth_val[at] = np.where(kth == _INT64_MIN, np.float32(-np.inf), _unsortable(kth)[0])
+
+
+def symmetric_topk(
+    x: np.ndarray,
+    k: int,
+    *,
+    tile: int | None = None,
+    first_hit: tuple[np.ndarray, np.ndarray, int] | None = None,
+    group: int | None = None,
+    workers: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Leave-one-out k nearest neighbours of the rows of ``x`` (float32 [n, d]), each tile pair once.
+
+    Returns ``(sims [n, k] float32, indices [n, k] int64, count)``: the same lists as a stable
+    sort of every similarity row (query excluded by index), values bit for bit those of the
+    per-row search. With ``first_hit = (s_star, j_star, cap)`` (from :func:`best_relevant`),
+    ``count[i]`` is the number of items ranked before item ``j_star[i]`` in row i (similarity
+    above ``s_star[i]``, or equal with a lower index), exact below ``cap`` (at least ``cap``
+    otherwise); else ``count`` is None. Raises :class:`NotReproducibleError` if the BLAS gave a
+    checked pair another value than a per-row block does (the caller then searches per row).
+
+    Per tile pair (I, J): the product ``[|I|, |J|]`` (rows of I ordered by their threshold) in
+    slabs of rows; while a slab is in cache, the max over each group of ``group`` rows, a
+    comparison of these maxima with the columns' and the groups' thresholds, and a gather of the
+    few cells that pass; candidates at or above their list's threshold are merged by key.
+    Thresholds are lower bounds of each list's final k-th similarity (or of the first relevant
+    similarity while that is counted), so nothing that belongs to a list is filtered out, in
+    whatever order the tiles are processed. ``workers`` threads (default
+    ``torch.get_num_threads()``) process tiles concurrently, each with a one-thread BLAS; merges
+    into the lists are serialised.
+    """
+    n = x.shape[0]
+    g = SYMMETRIC_GROUP if group is None else group
+    bounds = _tile_bounds(n, symmetric_tile_size(x.itemsize) if tile is None else tile)
+    t = len(bounds) - 1
+    pairs = [(i, j) for i in range(t) for j in range(i, t)]
+    nw = max(1, min(torch.get_num_threads() if workers is None else workers, len(pairs)))
+    size = int(np.diff(bounds).max())
+    lists = _Lists(n, k, first_hit)
+    probe = np.unique(np.linspace(0, n - 1, min(n, _PROBE_ROWS)).astype(np.int64))
+    with blas_threads_like_torch(len(probe) * n * x.shape[1]):
+        probe_sims = np.matmul(x[probe], x.T)  # a per-row block: what the per-row search computes
+    # per tile height (in groups): slabs of rows of the product, in whole groups, none tiny (so
+    # that each is a full BLAS product)
+    slabs: dict[int, np.ndarray] = {}
+    for ng in {-(-int(h) // g) for h in np.diff(bounds)}:
+        ns = max(1, round(ng * g / _SLAB_ROWS))
+        slabs[ng] = np.array([i * ng // ns for i in range(ns + 1)], dtype=np.int64)
+    strips: dict[int, tuple] = {}
+    lock = threading.Lock()
+    feed = iter(pairs)
+    failed: list[BaseException] = []
+
+    def strip(i_t: int) -> tuple:
+        with lock:
+            if i_t not in strips:
+                a0, a1 = int(bounds[i_t]), int(bounds[i_t + 1])
+                bi = a1 - a0
+                ng = -(-bi // g)
+                perm = a0 + np.argsort(lists.thr[a0:a1], kind="stable")  # like thresholds grouped
+                perm_pad = np.full(ng * g, -1, dtype=np.int64)
+                perm_pad[:bi] = perm
+                inv = np.empty(bi, dtype=np.int64)
+                inv[perm - a0] = np.arange(bi)
+                strips[i_t] = (a0, a1, bi, ng, perm, perm_pad, inv, x[perm])
+            return strips[i_t]
+
+    def work() -> None:
+        buf = np.empty(-(-size // g) * g * size, dtype=np.float32)
+        mc_buf = np.empty(-(-size // g) * size, dtype=np.float32)
+        cand_buf = np.empty(-(-size // g) * size, dtype=bool)
+        while not failed:
+            with lock:
+                pair = next(feed, None)
+            if pair is None:
+                return
+            try:
+                _tile(*pair, buf, mc_buf, cand_buf)
+            except BaseException as e:  # noqa: BLE001 - re-raised by the caller
+                failed.append(e)
+                return
+
+    def _tile(i_t: int, j_t: int, buf: np.ndarray, mc_buf: np.ndarray, cand_buf: np.ndarray):
+        a0, a1, bi, ng, perm, perm_pad, inv, xi = strip(i_t)
+        c0, c1 = int(bounds[j_t]), int(bounds[j_t + 1])
+        bj = c1 - c0
+        s = buf[: ng * g * bj].reshape(ng * g, bj)
+        s3 = s.reshape(ng, g, bj)
+        mc = mc_buf[: ng * bj].reshape(ng, bj)
+        cand = cand_buf[: ng * bj].reshape(ng, bj)
+        f_col = lists.thr[c0:c1].copy()
+        empty = np.flatnonzero(lists.kth_key[c0:c1] == _INT64_MIN)
+        # a list's first tile (empty[...]): its threshold comes from the whole tile's maxima,
+        # so the tile is reduced first and searched after; otherwise each slab is searched
+        # while in cache
+        fused = len(empty) == 0
+        # a diagonal tile: its upper triangle feeds both sides (rows in index order, each slab
+        # from its first row's column on), or, for lists' first tile, the whole tile feeds the
+        # columns' lists
+        tri = i_t == j_t and fused
+        diag = i_t == j_t and not tri
+        if tri:
+            perm = np.arange(a0, a1)
+            perm_pad = np.full(ng * g, -1, dtype=np.int64)
+            perm_pad[:bi] = perm
+            inv, xi = perm - a0, x[a0:a1]
+        perm2 = perm_pad.reshape(ng, g)
+        if not diag:
+            f_row2 = np.full(ng * g, np.inf, dtype=np.float32)
+            f_row2[:bi] = lists.thr[perm]
+            f_row2 = f_row2.reshape(ng, g)
+            f_grp = f_row2.min(axis=1)
+        found_col: list[tuple] = []
+        found_row: list[tuple] = []
+
+        def collect(q0: int, q1: int) -> None:
+            """Candidates of groups q0..q1 (their maxima in mc, their rows in s)."""
+            if diag:
+                np.greater_equal(mc[q0:q1], f_col, out=cand[q0:q1])
+            else:  # bands of groups (rows ordered by threshold): one comparison per cell
+                for b0 in range(q0, q1, _BAND_GROUPS):
+                    b1 = min(q1, b0 + _BAND_GROUPS)
+                    np.greater_equal(mc[b0:b1], np.minimum(f_col, f_grp[b0:b1].min()),
+                                     out=cand[b0:b1])
+            flat = np.flatnonzero(cand[q0:q1])
+            if len(flat) == 0:
+                return
+            cg, col = np.divmod(flat, bj)
+            cg += q0
+            v = s3[cg, :, col]  # [cells, g]: the cells' similarities
+            other = perm2[cg]  # their rows' items (-1: padding)
+            if diag:
+                u, w = np.nonzero((v >= f_col[col][:, None]) & (other >= 0)
+                                  & (other != (c0 + col)[:, None]))
+                found_col.append((c0 + col[u], other[u, w], v[u, w]))
+                return
+            # padding rows hold -inf: excluded by index for the columns (an empty list's
+            # threshold can be -inf), by their +inf threshold for the rows
+            in_col = v >= f_col[col][:, None]
+            in_row = v >= f_row2[cg]
+            u, w = np.nonzero(in_col | in_row)
+            c, o, vv = c0 + col[u], other[u, w], v[u, w]
+            sel = in_col[u, w] & (o >= 0)
+            found_col.append((c[sel], o[sel], vv[sel]))
+            sel = in_row[u, w]
+            found_row.append((o[sel], c[sel], vv[sel]))
+
+        xj_t = x[c0:c1].T
+        for q0, q1 in zip(slabs[ng][:-1], slabs[ng][1:], strict=True):
+            r0, r1 = q0 * g, q1 * g
+            m1 = min(r1, bi)
+            if tri:
+                np.matmul(xi[r0:m1], xj_t[:, r0:], out=s[r0:m1, r0:])
+                if r1 > bi:
+                    s[bi:r1, r0:] = -np.inf  # padding of the last group
+                block = s[r0:m1, r0:r1]
+                block[np.tri(*block.shape, dtype=bool)] = -np.inf  # self and the lower half
+                mc[q0:q1, :r0] = -np.inf
+                np.max(s3[q0:q1, :, r0:], axis=1, out=mc[q0:q1, r0:])
+                collect(q0, q1)
+                continue
+            np.matmul(xi[r0:m1], xj_t, out=s[r0:m1])
+            if r1 > bi:
+                s[bi:r1] = -np.inf  # padding of the last group
+            if diag:
+                rr = np.arange(r0, m1)
+                s[rr, perm[rr] - a0] = -np.inf  # the query itself, by index
+            np.max(s3[q0:q1], axis=1, out=mc[q0:q1])
+            if fused:
+                collect(q0, q1)
+        # canaries: the probe rows and each list's best relevant pair, as computed per row
+        for p in probe[(probe >= a0) & (probe < a1)]:
+            want = probe_sims[np.searchsorted(probe, p)]
+            if tri:
+                same = np.array_equal(s[p - a0, p - a0 + 1 :], want[p + 1 : c1]) and (
+                    np.array_equal(s[: p - a0, p - a0], want[a0:p]))
+            else:
+                want = want[c0:c1].copy()
+                if diag:
+                    want[p - c0] = -np.inf
+                same = np.array_equal(s[inv[p - a0]], want)
+            if not same:
+                raise NotReproducibleError(f"item {p}: tile and per-row products differ")
+        if not diag and not tri:
+            for p in probe[(probe >= c0) & (probe < c1)]:
+                if not np.array_equal(s[:bi, p - c0], probe_sims[np.searchsorted(probe, p), perm]):
+                    raise NotReproducibleError(f"item {p}: tile and per-row products differ")
+        if lists.counting:
+            js = lists.j_star[perm]
+            r = np.flatnonzero((js >= c0) & (js < c1))
+            if tri:  # the pair's value sits in the upper triangle
+                lo, hi = np.minimum(r, js[r] - c0), np.maximum(r, js[r] - c0)
+                if not np.array_equal(s[lo, hi], lists.s_star[perm[r]]):
+                    raise NotReproducibleError("a best same-class similarity differs in a tile")
+            elif not np.array_equal(s[r, js[r] - c0], lists.s_star[perm[r]]):
+                raise NotReproducibleError("a best same-class similarity differs in a tile")
+            if not diag and not tri:
+                js = lists.j_star[c0:c1]
+                r = np.flatnonzero((js >= a0) & (js < a1))
+                if not np.array_equal(s[inv[js[r] - a0], r], lists.s_star[c0 + r]):
+                    raise NotReproducibleError("a best same-class similarity differs in a tile")
+        if not fused:
+            # the k-th largest of maxima over disjoint sets of rows bounds the k-th best of the
+            # column from below
+            m = min(ng, 4 * k)
+            if m >= k:
+                q = ng // m
+                sup = np.max(mc[: q * m].reshape(m, q, bj), axis=1)
+                bound = np.partition(sup.T[empty], m - k, axis=1)[:, m - k]
+                cut = np.maximum(lists.kth_val[c0 + empty], bound)
+                if lists.counting:
+                    act = lists.active[c0 + empty]
+                    cut = np.where(act, np.minimum(cut, lists.s_star[c0 + empty]), cut)
+                f_col[empty] = cut
+            collect(0, ng)
+        with lock:
+            if found_col:
+                lists.take(*(np.concatenate(a) for a in zip(*found_col, strict=True)), c0, c1)
+                lists.refresh(c0, c1)
+            if found_row:
+                lists.take(*(np.concatenate(a) for a in zip(*found_row, strict=True)), a0, a1)
+                lists.refresh(a0, a1)
+
+    if nw == 1:
+        with blas_threads_like_torch(float(n) * n * x.shape[1]):
+            work()
+    else:
+        with _blas_threads(1):
+            threads = [threading.Thread(target=work, daemon=True) for _ in range(nw)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+    if failed:
+        raise failed[0]
+    sims, idx = _unsortable(lists.keys)
+    return sims, idx, (lists.count if lists.counting else None)
+
+
+def _blas_threads(limit: int) -> contextlib.AbstractContextManager:
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - scikit-learn brings it
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=limit, user_api="blas")
 
 
 def _prepare(
@@ -201,6 +656,7 @@ def knn(
     exclude_self: bool | None = None,
     chunk_size: int | None = None,
     normalize: bool = True,
+    symmetric: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest neighbours of each query in ``reference`` by cosine similarity.
 
@@ -216,9 +672,17 @@ def knn(
         Exclude query ``i`` from its own list by index (requires query ``i`` to be reference item
         ``i``). Default: True when ``reference`` is None, else False.
     chunk_size : int, optional
-        Queries per block; default from a memory budget of :data:`KNN_BLOCK_BYTES`.
+        Queries per block; default from a memory budget of :data:`KNN_BLOCK_BYTES`. In the
+        symmetric leave-one-out search: rows (and columns) per tile.
     normalize : bool, default True
         L2-normalise both sets first (cosine similarity); False uses raw dot products.
+    symmetric : bool, optional
+        Leave-one-out (``reference=None``) only: compute each pair of tiles of the similarity
+        matrix once (:func:`symmetric_topk`, same results). None (default): when it applies
+        (:func:`symmetric_applicable`), falling back to per-row blocks if the BLAS is caught
+        giving a pair another value in a tile than in a row block; True: require it
+        (ValueError if it does not apply, RuntimeError instead of the fallback); False: per-row
+        blocks.
 
     Returns
     -------
@@ -241,6 +705,22 @@ def knn(
         raise ValueError(f"k={k} is larger than the {available} reference items available")
     if chunk_size is not None:
         check_positive_int("chunk_size", chunk_size)
+    if symmetric and not (same and exclude_self):
+        raise ValueError("symmetric=True is for leave-one-out search (reference=None)")
+    if same and exclude_self and symmetric is not False:
+        if symmetric_applicable(q, k, chunk_size, forced=bool(symmetric)):
+            try:
+                s, i, _ = symmetric_topk(q.numpy(), k, tile=chunk_size)
+                return torch.from_numpy(s), torch.from_numpy(i)
+            except NotReproducibleError as e:
+                if symmetric:
+                    raise RuntimeError(f"symmetric search not reproducible here: {e}") from e
+        elif symmetric:
+            raise ValueError(
+                "symmetric=True needs float32 embeddings on the CPU, more than one tile "
+                f"(n={q.shape[0]}, tile={chunk_size or 'default'}) and n x k lists within "
+                "the memory budget"
+            )
     sims = torch.empty(q.shape[0], k, dtype=q.dtype, device=q.device)
     idx = torch.empty(q.shape[0], k, dtype=torch.int64, device=q.device)
     with blas_threads_like_torch(q.shape[0] * r.shape[0] * q.shape[1]):

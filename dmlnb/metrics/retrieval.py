@@ -1,7 +1,7 @@
 """Retrieval metrics per query: Recall@K, R-Precision and MAP@R, exact, from a chunked k-NN.
 
-Definitions (CONVENTIONS.md; Musgrave et al., "A Metric Learning Reality Check", ECCV 2020)
------------------------------------------------------------------------------------------
+Definitions (Musgrave et al., "A Metric Learning Reality Check", ECCV 2020)
+---------------------------------------------------------------------------
 For a query q with label y_q, let rel(i) = 1 if its i-th neighbour (query excluded by index in
 leave-one-out form; ties broken by lower reference index, see :mod:`dmlnb.metrics.neighbors`)
 has label y_q, and R_q = number of reference items with label y_q (minus 1 in leave-one-out form).
@@ -26,9 +26,11 @@ has label y_q, and R_q = number of reference items with label y_q (minus 1 in le
   (they are kept in the Recall@K mean, which is a mean over all queries).
 
 Differences from pytorch-metric-learning's AccuracyCalculator (v2.9): it drops lone queries from
-precision_at_1 as well (dmlnb keeps them at 0 in Recall@K); in leave-one-out form it searches k+1
-neighbours and drops the first column instead of excluding the query by index, which differs
-when exact duplicates tie with the query; its tie order is faiss's, not defined.
+precision_at_1 as well (dmlnb keeps them at 0 in Recall@K). In leave-one-out form it also excludes
+the query by index (it searches k+1 neighbours and removes the query's own index wherever it
+appears, or the last column when it is absent), as dmlnb does; only the order among tied
+similarities differs (faiss's order there, not defined; dmlnb's: lower index first), which can
+change a result only when tied items of different labels straddle a cut-off.
 """
 
 from __future__ import annotations
@@ -42,8 +44,14 @@ import torch
 from dmlnb._validate import check_positive_int
 from dmlnb.metrics._inputs import as_embeddings, as_labels, l2_normalize
 from dmlnb.metrics.neighbors import (
+    NotReproducibleError,
+    auto_chunk_size,
+    best_relevant,
+    best_relevant_work,
     blas_threads_like_torch,
     iter_similarity_blocks,
+    symmetric_applicable,
+    symmetric_topk,
     topk_stable,
 )
 
@@ -138,6 +146,7 @@ def retrieval_scores(
     normalize: bool = True,
     chunk_size: int | None = None,
     ranking: bool = True,
+    symmetric: bool | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-query Recall@K, R-Precision and MAP@R (module docstring for the definitions).
 
@@ -147,8 +156,15 @@ def retrieval_scores(
     reference, reference_labels : optional gallery; None means leave-one-out among the queries.
     ks : K values for Recall@K.
     normalize : L2-normalise first (cosine similarity), default True.
-    chunk_size : queries per k-NN block (default from a memory budget).
+    chunk_size : queries per k-NN block (default from a memory budget); in the symmetric
+        leave-one-out search, rows (and columns) per tile.
     ranking : also compute R-Precision and MAP@R (the neighbour list then reaches max R_q).
+    symmetric : leave-one-out only: compute each pair of tiles of the similarity matrix once
+        (:func:`dmlnb.metrics.neighbors.symmetric_topk`; same results). None (default): when it
+        applies (CPU float32, at least two tiles, lists within the memory budget), falling back
+        to per-row blocks if the BLAS is caught giving a pair another value in a tile; True:
+        require it (ValueError if it does not apply, RuntimeError instead of the fallback);
+        False: per-row blocks.
 
     Returns
     -------
@@ -187,38 +203,105 @@ def retrieval_scores(
     dev = q.device
     k_recall = min(max(ks), available)  # first-hit positions >= k_recall are misses for every K
     k_top = min(available, max(r_max, min(k_recall, RECALL_CANDIDATES)))
-    members = ClassMembers(yr, yq) if k_recall > k_top else None
+    counting = k_recall > k_top  # some first hits must be counted beyond the neighbour lists
     no_hit = torch.iinfo(torch.int64).max  # first-hit position of a query no K reaches
     first_hit = torch.empty(n, dtype=torch.int64, device=dev)
     rp = torch.full((n,), float("nan"), dtype=torch.float64, device=dev)
     ap = torch.full((n,), float("nan"), dtype=torch.float64, device=dev)
     positions = torch.arange(k_top, device=dev)
     ranks = torch.arange(1, r_max + 1, device=dev, dtype=torch.float64)
-    with blas_threads_like_torch(n * n_r * q.shape[1]):
-        for start, sims in iter_similarity_blocks(
-            q, r, exclude_self=leave_one_out, chunk_size=chunk_size
-        ):
-            stop = start + sims.shape[0]
-            _, idx = topk_stable(sims, k_top)
-            rel = yr[idx] == yq[start:stop, None]  # [block, k_top]
-            pos = torch.where(rel, positions, k_top).min(dim=1).values
-            hit = pos < k_top
-            fh = torch.where(hit, pos, no_hit)
-            if members is not None:
-                todo = (~hit & (rq[start:stop] > 0)).nonzero().flatten()
-                if todo.numel() > 0:
-                    fh[todo] = members.first_relevant_position(sims[todo], todo + start)
-            first_hit[start:stop] = fh
-            if r_max > 0:
-                relr = rel[:, :r_max].to(torch.float64)
-                rb = rq[start:stop].to(torch.float64)
-                within = ranks[None, :] <= rb[:, None]
-                prec = relr.cumsum(dim=1) / ranks[None, :]
-                rp[start:stop] = (relr * within).sum(dim=1) / rb  # 0/0 -> NaN for lone queries
-                ap[start:stop] = (prec * relr * within).sum(dim=1) / rb
+
+    def score(start: int, idx: torch.Tensor, beyond) -> None:
+        """Scores of queries start.. from their neighbour lists ``idx`` [block, k_top];
+        ``beyond(todo)``: exact first-hit positions of block rows whose list has no hit."""
+        stop = start + idx.shape[0]
+        rel = yr[idx] == yq[start:stop, None]  # [block, k_top]
+        pos = torch.where(rel, positions, k_top).min(dim=1).values
+        hit = pos < k_top
+        fh = torch.where(hit, pos, no_hit)
+        if counting:
+            todo = (~hit & (rq[start:stop] > 0)).nonzero().flatten()
+            if todo.numel() > 0:
+                fh[todo] = beyond(todo)
+        first_hit[start:stop] = fh
+        if r_max > 0:
+            relr = rel[:, :r_max].to(torch.float64)
+            rb = rq[start:stop].to(torch.float64)
+            within = ranks[None, :] <= rb[:, None]
+            prec = relr.cumsum(dim=1) / ranks[None, :]
+            rp[start:stop] = (relr * within).sum(dim=1) / rb  # 0/0 -> NaN for lone queries
+            ap[start:stop] = (prec * relr * within).sum(dim=1) / rb
+
+    lists = None
+    if symmetric and not leave_one_out:
+        raise ValueError("symmetric=True is for leave-one-out search (reference=None)")
+    if leave_one_out and symmetric is not False:
+        lists = _symmetric_lists(q, yq, k_top, k_recall if counting else None, chunk_size,
+                                 require=bool(symmetric))
+    if lists is not None:
+        idx_all, count = lists
+        block = min(n, chunk_size or auto_chunk_size(n_r, q.element_size()))
+        for start in range(0, n, block):
+            score(start, idx_all[start : start + block],
+                  lambda todo, start=start: count[todo + start])
+    else:
+        members = ClassMembers(yr, yq) if counting else None
+        with blas_threads_like_torch(n * n_r * q.shape[1]):
+            for start, sims in iter_similarity_blocks(
+                q, r, exclude_self=leave_one_out, chunk_size=chunk_size
+            ):
+                _, idx = topk_stable(sims, k_top)
+                score(start, idx, lambda todo, sims=sims, start=start:
+                      members.first_relevant_position(sims[todo], todo + start))
     res = {f"recall@{kk}": (first_hit < kk).double().cpu().numpy() for kk in ks}
     if ranking:
         res["r_precision"] = rp.cpu().numpy()
         res["map@r"] = ap.cpu().numpy()
     res["r"] = rq.cpu().numpy()
     return res
+
+
+def _symmetric_lists(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    k: int,
+    cap: int | None,
+    tile: int | None,
+    *,
+    require: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Leave-one-out neighbour lists [n, k] (and first-hit counts when ``cap``) by the symmetric
+    search, or None where it does not apply (or where its canary falls back to per-row blocks).
+
+    With ``cap`` (some K beyond the lists), each item's best same-class similarity is computed
+    first (:func:`dmlnb.metrics.neighbors.best_relevant`), so that the search can count the items
+    ranked before it; that costs about the sum over classes of size^2 products, so classes
+    holding most of the data (over n^2 / 4 same-class pairs) keep the per-row search.
+    """
+    n = x.shape[0]
+    ok = n >= 2 and symmetric_applicable(x, k, tile, forced=require)
+    y = labels.numpy() if ok else None
+    if ok and cap is not None:
+        sizes = np.unique(y, return_counts=True)[1].astype(np.float64)
+        ok = float((sizes**2).sum()) <= n * n / 4
+    if not ok:
+        if require:
+            raise ValueError(
+                "symmetric=True needs leave-one-out float32 embeddings on the CPU, more than one "
+                f"tile (n={n}, tile={tile or 'default'}), neighbour lists within the memory "
+                "budget and, with K beyond the lists, classes smaller than most of the data"
+            )
+        return None
+    xs = x.numpy()
+    first = None
+    if cap is not None:
+        with blas_threads_like_torch(best_relevant_work(y) * x.shape[1]):
+            s_star, j_star, _ = best_relevant(xs, y)
+        first = (s_star, j_star, cap)
+    try:
+        _, idx, count = symmetric_topk(xs, k, tile=tile, first_hit=first)
+    except NotReproducibleError as e:
+        if require:
+            raise RuntimeError(f"symmetric search not reproducible with this BLAS: {e}") from e
+        return None
+    return torch.from_numpy(idx), (None if count is None else torch.from_numpy(count))

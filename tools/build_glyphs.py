@@ -17,7 +17,7 @@ Output (``dmlnb/data/_assets/``):
 Duplicates: a font whose full rendering equals an earlier font's (same design shipped twice, e.g. as
 OTF and TTF) is dropped whole; within a class, an image byte-identical to an earlier one is dropped.
 
-Run ``python -m dmlnb.data.build_glyphs`` (or ``make glyphs``) on a Debian machine with the font
+Run ``python tools/build_glyphs.py`` (or ``make glyphs``) on a Debian machine with the font
 packages installed (``apt-get install $(cat dmlnb/data/_assets/fontpkgs.txt)``).
 """
 
@@ -26,19 +26,26 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import io
 import json
 import os
 import re
 import string
-import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-ASSETS = Path(__file__).with_name("_assets")
+from dmlnb.data.assets import ASSETS, write_npz
+from dmlnb.data.debian import package_files, package_license, read_package_list
+
+FONT_PACKAGES = ASSETS / "fontpkgs.txt"
+
+
+def package_font_files(packages: Iterable[str]) -> list[tuple[str, str]]:
+    """``(package, path)`` of every TrueType/OpenType file the installed packages ship."""
+    return package_files(packages, FONT_SUFFIXES)
+
 CHARSET = string.digits + string.ascii_uppercase + string.ascii_lowercase
 SIZE = 32
 SPLIT_SEED = 20210202  # DECISION: the seed of the published split (AAAI 2021 week); never changes
@@ -46,7 +53,6 @@ N_TEST_CLASSES = 31  # DECISION: half of the 62 characters are test classes, as 
 N_VAL_CLASSES = 6  # DECISION: class-disjoint validation characters carved from the training half
 CATEGORIES = ("serif", "sans", "mono", "script", "display")
 FONT_SUFFIXES = (".ttf", ".otf")
-_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 
 
 @dataclass(frozen=True)
@@ -68,28 +74,6 @@ class FontInfo:
 # ------------------------------------------------------------------------------------------------
 # Font discovery and metadata
 # ------------------------------------------------------------------------------------------------
-def read_package_list(path: Path = ASSETS / "fontpkgs.txt") -> list[str]:
-    """The Debian font packages the data set is built from (whitespace-separated names)."""
-    return path.read_text().split()
-
-
-def package_font_files(packages: Iterable[str], dpkg_info: Path = Path("/var/lib/dpkg/info")) -> list[tuple[str, str]]:
-    """``(package, path)`` of every TrueType/OpenType file the installed packages ship, sorted by path.
-
-    Symbolic links and files shipped twice are kept once (first by sorted real path).
-    """
-    found: dict[str, tuple[str, str]] = {}
-    for pkg in packages:
-        lst = dpkg_info / f"{pkg}.list"
-        if not lst.exists():
-            continue
-        for line in lst.read_text().splitlines():
-            if line.lower().endswith(FONT_SUFFIXES) and os.path.isfile(line):
-                real = os.path.realpath(line)
-                found.setdefault(real, (pkg, real))
-    return [found[k] for k in sorted(found)]
-
-
 def _name(font, *ids: int) -> str:
     table = font["name"]
     for name_id in ids:
@@ -182,34 +166,6 @@ def _normalise_weight(raw: int) -> int:
     if 1 <= raw <= 9:  # some old fonts use the 1-9 scale
         return raw * 100
     return int(min(max(raw, 1), 1000))
-
-
-def package_license(package: str, doc: Path = Path("/usr/share/doc")) -> str:
-    """Short licence names from a package's Debian copyright file (``License:`` fields, first 3)."""
-    path = doc / package / "copyright"
-    if not path.exists():
-        return ""
-    names: list[str] = []
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith("License:"):
-            value = line.split(":", 1)[1].strip()
-            if value and value not in names:
-                names.append(value)
-    if not names:  # free-form copyright files: recognise the licence by its usual wording
-        text = path.read_text(errors="replace")
-        for pattern, short in _LICENCE_WORDING:
-            if re.search(pattern, text, flags=re.IGNORECASE) and short not in names:
-                names.append(short)
-    return "; ".join(names[:3])
-
-
-_LICENCE_WORDING = [
-    (r"Open Font License,?\s+Version 1\.1", "OFL-1.1"),
-    (r"Open Font License,?\s+Version 1\.0", "OFL-1.0"),
-    (r"GUST Font License", "GUST-Font-License"),
-    (r"Public Domain", "public-domain"),
-    (r"GNU General Public\s+License", "GPL"),
-]
 
 
 def font_metadata(path: str):
@@ -380,20 +336,6 @@ def build(
     return arrays, manifest, stats
 
 
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` as a compressed ``.npz`` with fixed timestamps (byte-identical reruns)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-        for name in sorted(arrays):
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.ascontiguousarray(arrays[name]), allow_pickle=False)
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            zf.writestr(info, buf.getvalue(), compresslevel=9)
-    os.replace(tmp, path)
-
-
 def write_manifest(path: Path, manifest: Sequence[FontInfo]) -> None:
     """Write the font manifest as CSV (one row per kept font)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -408,7 +350,7 @@ def write_manifest(path: Path, manifest: Sequence[FontInfo]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Build the data set into ``--out`` (default: the package's ``_assets`` folder)."""
-    parser = argparse.ArgumentParser(prog="python -m dmlnb.data.build_glyphs", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python tools/build_glyphs.py", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=ASSETS)
     parser.add_argument("--size", type=int, default=SIZE)
     parser.add_argument("--packages", type=Path, default=ASSETS / "fontpkgs.txt")

@@ -20,7 +20,7 @@ Families and what the strength t does (defaults in :mod:`dmlnb.defaults`):
 
 A **direction** is the random part of a view (the crop window's anchor, the corner fractions, the
 signs); the strength is the deterministic part. ``nested=True`` (the default, a dmlnb decision,
-PAPER.md) uses one direction per image for all levels, so view n+1 is view n's transformation with a
+docs/method.md) uses one direction per image for all levels, so view n+1 is view n's transformation with a
 larger magnitude: crop windows are nested, corners move further along the same ray, colour factors
 move further from 1 in the same sense. ``nested=False`` draws a fresh direction per level (the
 reproduction's behaviour, for the ablation).
@@ -40,7 +40,7 @@ them uniformly in that interval; near the image border, torchvision blends its z
 the edge pixels (darkening them a little), dmlnb extends the edge pixel as a resize does.
 
 Views are made from **un-normalised** images in [0, 1] on the images' device; the model normalises
-originals and views alike (PAPER.md, defect 1 of the reproduction).
+originals and views alike (docs/method.md, "Defects of the public reproduction", 1, of the reproduction).
 
 References
 ----------
@@ -60,11 +60,11 @@ from dmlnb.defaults import (
     BLUR_MAX_SIGMA,
     COLOR_FACTOR,
     ROTATION_MAX_DEG,
-    SSR_EXTRA_FAMILIES,
     SSR_FAMILIES,
     SSR_LEVELS,
     SSR_NESTED,
     SSR_SIGMA,
+    VIEW_FAMILIES,
 )
 
 __all__ = [
@@ -76,8 +76,7 @@ __all__ = [
 ]
 
 #: Every family, in the canonical order in which directions are drawn and transformations applied.
-FAMILIES: tuple[str, ...] = ("crop", "perspective", "rotation", "color", "blur")
-assert set(FAMILIES) == set(SSR_FAMILIES) | set(SSR_EXTRA_FAMILIES)
+FAMILIES: tuple[str, ...] = VIEW_FAMILIES
 
 _GEOMETRIC = ("crop", "perspective", "rotation")
 _GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale (ITU-R 601-2 luma)

@@ -1,4 +1,4 @@
-"""Tests of dmlnb.transforms: views of increasing strength.
+"""Tests of dmlnb.views: views of increasing strength.
 
 Oracles: torchvision's functional transforms (perspective, rotate, adjust_*, gaussian_blur) where
 the definitions coincide, and a slow loop-based bilinear sampler for the crop.
@@ -22,7 +22,7 @@ from dmlnb.defaults import (
     SSR_LEVELS,
     SSR_SIGMA,
 )
-from dmlnb.transforms import FAMILIES, apply_view, make_views, sample_direction, strength_schedule
+from dmlnb.views import FAMILIES, apply_view, make_views, sample_direction, strength_schedule
 
 COMPOSITIONS = [(f,) for f in FAMILIES] + [tuple(SSR_FAMILIES), tuple(FAMILIES)]
 
@@ -48,7 +48,7 @@ def test_strength_schedule_is_tanh_sigma_n():
     t = strength_schedule(SSR_LEVELS, SSR_SIGMA)
     expected = [math.tanh(SSR_SIGMA * n) for n in range(1, SSR_LEVELS + 1)]
     assert t.tolist() == pytest.approx(expected, abs=1e-12)
-    assert t.tolist() == pytest.approx([0.197, 0.380, 0.537, 0.664], abs=1e-3)  # PAPER.md
+    assert t.tolist() == pytest.approx([0.197, 0.380, 0.537, 0.664], abs=1e-3)  # docs/method.md
     assert torch.all(t[1:] > t[:-1])
 
 

@@ -1,0 +1,1 @@
+"""Fault tests: inputs an attacker or a broken machine could hand the package."""
