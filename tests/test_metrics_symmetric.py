@@ -121,6 +121,29 @@ def test_knn_symmetric_per_row_blocks_and_workers_agree():
         np.testing.assert_array_equal(bits(s), bits(a[0]))
 
 
+@pytest.mark.parametrize("data", ["gaussian", "ties"])
+def test_any_tile_order_gives_the_same_lists(data):
+    # lists whose rows or columns are still empty when a tile arrives (another worker has not
+    # merged their first tile yet) take their thresholds from the tile itself
+    x, y = gaussian(1300, 16, 300, seed=15) if data == "gaussian" else ties(500, 4, 6, seed=16)
+    tile = 300 if data == "gaussian" else 90
+    want_s, want_i, _ = symmetric_topk(x, 9, tile=tile, workers=1)
+    s_star, j_star, _ = best_relevant(x, y)
+    want_c = symmetric_topk(x, 9, tile=tile, workers=1, first_hit=(s_star, j_star, 60))[2]
+    t = len(nb._tile_bounds(len(x), tile)) - 1
+    pairs = [(i, j) for i in range(t) for j in range(i, t)]
+    rng = np.random.default_rng(17)
+    for order in (pairs[::-1], [pairs[k] for k in rng.permutation(len(pairs))]):
+        for workers in (1, 3):
+            s, i, c = symmetric_topk(x, 9, tile=tile, workers=workers, _order=order,
+                                     first_hit=(s_star, j_star, 60))
+            np.testing.assert_array_equal(i, want_i)
+            np.testing.assert_array_equal(bits(s), bits(want_s))
+            np.testing.assert_array_equal(np.minimum(c, 60), np.minimum(want_c, 60))
+    with pytest.raises(ValueError, match="_order"):
+        symmetric_topk(x, 9, tile=tile, _order=pairs[1:])
+
+
 def test_knn_default_uses_symmetric_search_beyond_one_tile(monkeypatch):
     x, _ = gaussian(700, 16, 100, seed=4)
     calls = []

@@ -26,6 +26,47 @@ re-selected exactly. On the CPU the product is numpy's ``matmul`` (its BLAS, Ope
 numpy wheels, was about twice as fast as torch's MKL on the AMD CPU used for the benchmark), run
 with as many BLAS threads as ``torch.get_num_threads()`` for large products, and the block buffer
 is reused from block to block.
+
+Leave-one-out: each pair of tiles once (:func:`symmetric_topk`)
+-------------------------------------------------------------
+Among n items the similarity matrix is symmetric, so the leave-one-out search (``reference=None``)
+splits the items into tiles (:func:`symmetric_tile_size`: one tile per worker plus temporaries
+within :data:`KNN_BLOCK_BYTES`, as the per-row block is; 2,896 rows for 2 workers) and computes
+each tile pair (I, J), I < J, once: its product feeds the lists of its rows (items of I,
+candidates from J) and of its columns (items of J, candidates from I). A diagonal tile's upper
+triangle (in slabs of 512 rows, each from its own first row on) feeds both; only for the lists'
+very first tile is a diagonal tile computed whole. That is about n^2/2 + n * 512/2 products
+instead of n^2. The results are those of the per-row search, bit for bit:
+
+- Order. A candidate is the int64 key (similarity's float32 bits mapped to an order-preserving
+  int32, index reversed): larger key = ranks first, keys of one list are distinct, so merging
+  candidates from tiles that arrive in any order by key selects exactly the stable-sort top k
+  (on equal similarity the lower index first; -0.0 and +0.0 tie, and -0.0 is restored).
+- Values. Each similarity is one element of a float32 BLAS product. OpenBLAS's float32 kernels
+  compute an element as the same chain of fused multiply-adds whatever the product's shape
+  and the element's place in it (and x.y as y.x), so a tile gives a pair the value a per-row block
+  gives it; its float64 kernels do not, so float64 (and CUDA, where the product is not the
+  bottleneck) keep the per-row search. This is checked while searching: 16 probe rows are
+  computed as a per-row block first and compared with every tile that holds them (and, when
+  first hits are counted, each item's best same-class pair); a mismatch falls back to the
+  per-row search (:class:`NotReproducibleError` where ``symmetric=True`` requires the symmetric
+  search).
+- Filtering. Per tile, the product is computed in slabs of 512 rows (rows of I ordered by their
+  list's threshold); while a slab is in cache, the max over each group of 8 rows is compared
+  with the columns' thresholds and the groups' smallest row threshold, and only the cells that
+  pass are read again, element by element. A threshold is a lower bound of its list's final
+  k-th similarity (its current k-th; for a list's first tile, the k-th largest of maxima over
+  disjoint sets of the tile's rows), so nothing that belongs to a list is filtered out.
+- Recall@K beyond the lists (:mod:`dmlnb.metrics.retrieval`): with each item's best same-class
+  similarity s* and that item j* computed first (class-sorted blocks), the search counts the
+  items ranked before j* (similarity above s*, or equal with a lower index), exactly up to the
+  largest K.
+
+Threads: ``torch.get_num_threads()`` workers take tiles in turn, each with a one-thread BLAS
+(the first diagonal tile, which every tile of the first strip reads, goes first, alone); merges
+into the lists are serialised. Extra memory: per worker one tile of similarities (32 MiB with 2
+workers) plus its group maxima (4 MiB), and the lists (n x k int64 keys, at most
+:data:`KNN_BLOCK_BYTES`; 5 MiB for SOP's k = 11).
 """
 
 from __future__ import annotations
@@ -146,11 +187,16 @@ class NotReproducibleError(RuntimeError):
     """The BLAS gave a pair a different value in a tile than in a per-row block."""
 
 
-def symmetric_tile_size(itemsize: int = 4, budget: int | None = None) -> int:
-    """Rows (= columns) of one tile of the symmetric search: a tile plus temporaries in ``budget``
-    (default :data:`KNN_BLOCK_BYTES`): 4,096 for float32."""
+def symmetric_tile_size(
+    itemsize: int = 4, budget: int | None = None, workers: int | None = None
+) -> int:
+    """Rows (= columns) of one tile of the symmetric search: one tile per worker (default
+    ``torch.get_num_threads()``) plus temporaries within ``budget`` (default
+    :data:`KNN_BLOCK_BYTES`), like the per-row search's block: 2,896 for float32 and 2 workers
+    (4,096 for one)."""
     budget = KNN_BLOCK_BYTES if budget is None else budget
-    return max(1, int(math.isqrt(budget // (2 * itemsize))))
+    workers = max(1, torch.get_num_threads() if workers is None else workers)
+    return max(1, int(math.isqrt(budget // (2 * itemsize * workers))))
 
 
 def _tile_bounds(n: int, tile: int) -> np.ndarray:
@@ -216,14 +262,13 @@ def best_relevant(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nda
     _, first, counts = np.unique(ys, return_index=True, return_counts=True)
     cls = np.repeat(np.arange(len(first)), counts)
     cs, ce = first[cls], first[cls] + counts[cls]
-    xs = x[order]
     s_sorted = np.full(n, -np.inf, dtype=np.float32)
     j_sorted = np.full(n, n, dtype=np.int64)
     bounds = _tile_bounds(n, _BAND_ROWS)
     work = 0.0
     for p0, p1 in zip(bounds[:-1], bounds[1:], strict=True):
         lo, hi = cs[p0], ce[p1 - 1]
-        prod = np.matmul(xs[p0:p1], xs[lo:hi].copy().T)  # copy: never numpy's syrk path
+        prod = np.matmul(x[order[p0:p1]], x[order[lo:hi]].T)  # copies: never numpy's syrk
         work += float(p1 - p0) * float(hi - lo)
         col = np.arange(lo, hi)
         rows = np.arange(p0, p1)[:, None]
@@ -331,6 +376,7 @@ def symmetric_topk(
     first_hit: tuple[np.ndarray, np.ndarray, int] | None = None,
     group: int | None = None,
     workers: int | None = None,
+    _order: list[tuple[int, int]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Leave-one-out k nearest neighbours of the rows of ``x`` (float32 [n, d]), each tile pair once.
 
@@ -354,9 +400,15 @@ def symmetric_topk(
     """
     n = x.shape[0]
     g = SYMMETRIC_GROUP if group is None else group
-    bounds = _tile_bounds(n, symmetric_tile_size(x.itemsize) if tile is None else tile)
+    if tile is None:
+        tile = symmetric_tile_size(x.itemsize, workers=workers)
+    bounds = _tile_bounds(n, tile)
     t = len(bounds) - 1
     pairs = [(i, j) for i in range(t) for j in range(i, t)]
+    if _order is not None:  # tests: any order gives the same lists
+        if sorted(_order) != pairs:
+            raise ValueError("_order must list every tile pair (i, j), i <= j, once")
+        pairs = list(_order)
     nw = max(1, min(torch.get_num_threads() if workers is None else workers, len(pairs)))
     size = int(np.diff(bounds).max())
     lists = _Lists(n, k, first_hit)
@@ -388,10 +440,13 @@ def symmetric_topk(
                 strips[i_t] = (a0, a1, bi, ng, perm, perm_pad, inv, x[perm])
             return strips[i_t]
 
+    def _buffers() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return (np.empty(-(-size // g) * g * size, dtype=np.float32),
+                np.empty(-(-size // g) * size, dtype=np.float32),
+                np.empty(-(-size // g) * size, dtype=bool))
+
     def work() -> None:
-        buf = np.empty(-(-size // g) * g * size, dtype=np.float32)
-        mc_buf = np.empty(-(-size // g) * size, dtype=np.float32)
-        cand_buf = np.empty(-(-size // g) * size, dtype=bool)
+        buf, mc_buf, cand_buf = _buffers()
         while not failed:
             with lock:
                 pair = next(feed, None)
@@ -413,10 +468,12 @@ def symmetric_topk(
         cand = cand_buf[: ng * bj].reshape(ng, bj)
         f_col = lists.thr[c0:c1].copy()
         empty = np.flatnonzero(lists.kth_key[c0:c1] == _INT64_MIN)
-        # a list's first tile (empty[...]): its threshold comes from the whole tile's maxima,
-        # so the tile is reduced first and searched after; otherwise each slab is searched
-        # while in cache
-        fused = len(empty) == 0
+        # rows whose list is still empty (only while the tile that fills them is in flight)
+        empty_rows = (np.flatnonzero(lists.kth_key[perm] == _INT64_MIN) if i_t != j_t
+                      else empty[:0])
+        # a list's first tile (empty...): its threshold comes from the whole tile, so the tile is
+        # reduced first and searched after; otherwise each slab is searched while in cache
+        fused = len(empty) == 0 and len(empty_rows) == 0
         # a diagonal tile: its upper triangle feeds both sides (rows in index order, each slab
         # from its first row's column on), or, for lists' first tile, the whole tile feeds the
         # columns' lists
@@ -535,6 +592,14 @@ def symmetric_topk(
                     act = lists.active[c0 + empty]
                     cut = np.where(act, np.minimum(cut, lists.s_star[c0 + empty]), cut)
                 f_col[empty] = cut
+            if len(empty_rows) and bj >= k:  # such a row's k-th best in this tile
+                bound = np.partition(s[empty_rows], bj - k, axis=1)[:, bj - k]
+                cut = np.maximum(lists.kth_val[perm[empty_rows]], bound)
+                if lists.counting:
+                    act = lists.active[perm[empty_rows]]
+                    cut = np.where(act, np.minimum(cut, lists.s_star[perm[empty_rows]]), cut)
+                f_row2.reshape(-1)[empty_rows] = cut
+                f_grp = f_row2.min(axis=1)
             collect(0, ng)
         with lock:
             if found_col:
@@ -548,6 +613,9 @@ def symmetric_topk(
         with blas_threads_like_torch(float(n) * n * x.shape[1]):
             work()
     else:
+        # the first diagonal tile fills block 0's lists, which all of strip 0 reads: alone first
+        with blas_threads_like_torch(float(size) * size * x.shape[1]):
+            _tile(*next(feed), *_buffers())
         with _blas_threads(1):
             threads = [threading.Thread(target=work, daemon=True) for _ in range(nw)]
             for th in threads:

@@ -21,6 +21,13 @@ has label y_q, and R_q = number of reference items with label y_q (minus 1 in le
   exactly: the relevant item j* of largest similarity s* (lowest index among equals, found among
   the query's class members) is preceded by every item with s > s* and every item with s = s*
   and a lower index. So K = 1000 costs no top-1000 selection.
+- Leave-one-out on the CPU (float32, more than one tile): the same lists and counts come from
+  the symmetric search, which computes each pair of tiles of the similarity matrix once
+  (:func:`dmlnb.metrics.neighbors.symmetric_topk`): about half the products. When some K exceeds
+  k_top, s* and j* are computed first (products of class-sorted blocks with their classes) and
+  the search counts, for every query, the items ranked before j*, exactly up to max K. The
+  scores are then computed from the lists by the same code, block by block, so they are the
+  per-row search's, bit for bit (``tests/test_metrics_symmetric.py``).
 - Lone queries (R_q = 0: no other item of their label in the reference set) get NaN for
   R-Precision and MAP@R (they are excluded from those means and counted), and 0 for Recall@K
   (they are kept in the Recall@K mean, which is a mean over all queries).
