@@ -422,6 +422,9 @@ def symmetric_topk(
         ns = max(1, round(ng * g / _SLAB_ROWS))
         slabs[ng] = np.array([i * ng // ns for i in range(ns + 1)], dtype=np.int64)
     strips: dict[int, tuple] = {}
+    left = {i: 0 for i in range(t)}  # tiles of each strip not done yet (its cache is then freed)
+    for i, _ in pairs:
+        left[i] += 1
     lock = threading.Lock()
     feed = iter(pairs)
     failed: list[BaseException] = []
@@ -457,6 +460,13 @@ def symmetric_topk(
             except BaseException as e:  # noqa: BLE001 - re-raised by the caller
                 failed.append(e)
                 return
+            done(pair[0])
+
+    def done(i_t: int) -> None:
+        with lock:
+            left[i_t] -= 1
+            if left[i_t] == 0:
+                strips.pop(i_t, None)
 
     def _tile(i_t: int, j_t: int, buf: np.ndarray, mc_buf: np.ndarray, cand_buf: np.ndarray):
         a0, a1, bi, ng, perm, perm_pad, inv, xi = strip(i_t)
@@ -614,8 +624,10 @@ def symmetric_topk(
             work()
     else:
         # the first diagonal tile fills block 0's lists, which all of strip 0 reads: alone first
+        first = next(feed)
         with blas_threads_like_torch(float(size) * size * x.shape[1]):
-            _tile(*next(feed), *_buffers())
+            _tile(*first, *_buffers())
+        done(first[0])
         with _blas_threads(1):
             threads = [threading.Thread(target=work, daemon=True) for _ in range(nw)]
             for th in threads:
