@@ -14,19 +14,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
 from dmlnb.train import fit
 
 PIN = json.loads((Path(__file__).parent / "data" / "behaviour_pin.json").read_text())
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("key", sorted(PIN["metrics"]))

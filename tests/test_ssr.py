@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from tiny import TINY_RUN  # tests/tiny.py
 
 from dmlnb import runs
 from dmlnb.config import TrainConfig
@@ -13,17 +14,10 @@ from dmlnb.losses import RankingLoss
 from dmlnb.ssr import SSRBranch
 from dmlnb.train import fit, random_stream
 
-TINY = dict(dataset="glyphs", dataset_options={"max_per_class": 12}, batch_size=16,
-            samples_per_class=4, ssr_images=4, epochs=2, steps_per_epoch=2,
-            eval_batch_size=256, quiet=True, num_workers=0, device="cpu", seed=5)
+TINY = {**TINY_RUN, "seed": 5}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _run(tmp_path, name, **changes):

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tiny import TINY_RUN  # tests/tiny.py
 
 from dmlnb import experiment as E
 from dmlnb import runs
@@ -17,29 +18,10 @@ from dmlnb.defaults import RANK_ALPHA, RANK_BETA, RANK_SCALE, SSR_LEVELS
 from dmlnb.distributed import resolve_device
 from dmlnb.losses import LOSSES
 
-# 12 typefaces per character: 300 train / 72 val / 372 test images; batches of 4 classes x 4
-TINY = dict(
-    dataset="glyphs",
-    dataset_options={"max_per_class": 12},
-    batch_size=16,
-    samples_per_class=4,
-    ssr_images=4,
-    epochs=2,
-    steps_per_epoch=2,
-    eval_batch_size=256,
-    quiet=True,
-    num_workers=0,
-    device="cpu",
-)
+TINY = TINY_RUN
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny inputs run faster on one thread (and the shared 2-core machines are often busy)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(tmp_path, **changes) -> TrainConfig:

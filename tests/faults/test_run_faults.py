@@ -52,35 +52,17 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny import TINY_RUN  # tests/tiny.py
 
 import dmlnb
 from dmlnb import cli, runs
 from dmlnb import train as T
 from dmlnb.config import TrainConfig
 
-# 12 typefaces per character: 300 train / 72 val / 372 test images; batches of 4 classes x 4
-TINY = dict(
-    dataset="glyphs",
-    dataset_options={"max_per_class": 12},
-    batch_size=16,
-    samples_per_class=4,
-    ssr_images=4,
-    epochs=2,
-    steps_per_epoch=2,
-    eval_batch_size=256,
-    quiet=True,
-    num_workers=0,
-    device="cpu",
-)
+TINY = TINY_RUN
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny inputs run faster on one thread (and the shared 2-core machines are often busy)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(run_dir, **changes) -> dict:
