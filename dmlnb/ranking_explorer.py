@@ -28,6 +28,7 @@ from dmlnb import defaults
 from dmlnb._validate import check_choice
 from dmlnb.defaults import RANK_PAIR_CHOICES
 from dmlnb.losses import RankingLoss
+from dmlnb.widgets import display_bundle
 
 __all__ = ["ranking_explorer", "ranking_figure", "ranking_loss_curve"]
 
@@ -111,15 +112,6 @@ def ranking_figure(curve: dict[str, Any], beta: float | None = None, pos_weight:
     return fig
 
 
-def _figure_output(fig: Any) -> dict[str, Any]:
-    """A plotly figure as one ``display_data`` output (its MIME bundle under the current renderer)."""
-    data = fig._repr_mimebundle_(include=None, exclude=None)
-    if isinstance(data, tuple):
-        data = data[0]
-    return {"output_type": "display_data", "data": dict(data or {"text/plain": repr(fig)}),
-            "metadata": {}}
-
-
 def ranking_explorer(
     similarities: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
     alpha: float = defaults.RANK_ALPHA,
@@ -165,7 +157,7 @@ def ranking_explorer(
                                    sliders["pairs"].value)
         fig = ranking_figure(curve, beta=sliders["beta"].value, pos_weight=sliders["pos_weight"].value)
         box.figure = fig
-        output.outputs = (_figure_output(fig),)
+        output.outputs = (display_bundle(fig),)
 
     levels = W.VBox([sliders[f"S_{n + 1}"] for n in range(len(sim))])
     knobs = W.VBox([sliders[k] for k in ("alpha", "beta", "scale", "pos_weight", "pairs")])

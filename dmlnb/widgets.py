@@ -361,7 +361,7 @@ class ViewExplorer:
         display(self.widget)
 
 
-def _display_bundle(obj: Any) -> dict[str, Any]:
+def display_bundle(obj: Any) -> dict[str, Any]:
     """``obj`` as one ``display_data`` output (its MIME bundle), as an ``Output`` widget stores it."""
     data: Any = None
     metadata: Any = {}
@@ -409,7 +409,7 @@ def figure_slider(
     output = W.Output()
 
     def draw(_: Any = None) -> None:
-        output.outputs = (_display_bundle(make_figure(slider.value)),)
+        output.outputs = (display_bundle(make_figure(slider.value)),)
 
     slider.observe(draw, names="value")
     draw()

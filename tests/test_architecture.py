@@ -20,7 +20,7 @@ LAYERS = {
     "dmlnb.distributed": 4, "dmlnb.ssr": 4,
     "dmlnb.experiment": 5,
     "dmlnb.train": 6,
-    "dmlnb.viz": 7, "dmlnb.diagram": 7, "dmlnb.measure": 7.5, "dmlnb.widgets": 8, "dmlnb.ranking_explorer": 8,
+    "dmlnb.viz": 7, "dmlnb.diagram": 7, "dmlnb.measure": 7.5, "dmlnb.widgets": 8, "dmlnb.ranking_explorer": 8.5,
     "dmlnb.gallery": 8,
     "dmlnb.execute": 8.5, "dmlnb.sweep": 9, "dmlnb.notebook": 9,
     "dmlnb.study": 10, "dmlnb.demo": 10, "dmlnb.recipe": 10, "dmlnb.figures": 10,
