@@ -69,6 +69,10 @@ class TrainConfig:
         (:func:`dmlnb.views.make_views`).
     ssr_pairs, rank_scale, rank_alpha, rank_beta, rank_pos_weight
         :class:`dmlnb.losses.RankingLoss` (pairs, s, alpha, beta, lambda_r).
+    ssr_uniformity
+        An extension, not the paper's form (0, the default, is off): weight ``w_u`` of the
+        uniformity term ``w_u L_unif`` added to ``L_rank`` on the SSR embeddings of the batch's
+        originals (:func:`dmlnb.losses.uniformity`), against the SSR head's collapse.
     epochs, steps_per_epoch, max_steps
         Length: ``steps_per_epoch`` caps an epoch (quick runs); ``max_steps`` caps the whole run.
     batch_size, samples_per_class
@@ -126,6 +130,7 @@ class TrainConfig:
     rank_alpha: float = D.RANK_ALPHA
     rank_beta: float = D.RANK_BETA
     rank_pos_weight: float = D.RANK_POS_WEIGHT
+    ssr_uniformity: float = D.SSR_UNIFORMITY
     # --- length and batches ---
     epochs: int = GLYPH_EPOCHS
     steps_per_epoch: int | None = GLYPH_STEPS_PER_EPOCH
@@ -263,6 +268,8 @@ FIELD_HELP: dict[str, str] = {
     "ssr_pairs": "pairs of levels in the list-wise term",
     "rank_scale": "s of the ranking loss", "rank_alpha": "list-wise margin alpha",
     "rank_beta": "point-wise floor beta", "rank_pos_weight": "lambda_r, weight of the floor",
+    "ssr_uniformity": "EXTENSION (0: the paper's form): weight of a uniformity term that keeps "
+                      "different images apart in the SSR head",
     "epochs": "passes over the training split (capped by steps_per_epoch)",
     "steps_per_epoch": "cap on iterations per epoch (none: a full epoch)",
     "max_steps": "cap on iterations of the whole run (none: no cap)",
@@ -310,7 +317,8 @@ FIELD_GROUPS: dict[str, tuple[str, ...]] = {
     "DML loss": ("loss", "loss_params"),
     "SSR (the paper's method)": ("ssr", "ssr_prob", "ssr_weight", "ssr_levels", "ssr_images",
                                  "ssr_families", "ssr_sigma", "ssr_nested", "ssr_pairs",
-                                 "rank_scale", "rank_alpha", "rank_beta", "rank_pos_weight"),
+                                 "rank_scale", "rank_alpha", "rank_beta", "rank_pos_weight",
+                                 "ssr_uniformity"),
     "length and batches": ("epochs", "steps_per_epoch", "max_steps", "batch_size",
                            "samples_per_class"),
     "model": ("backbone", "pretrained", "embed_dim", "ssr_dim", "ssr_hidden", "pooling",
@@ -391,6 +399,7 @@ def _problems(c: TrainConfig) -> list[str]:
     run(check_range, "rank_alpha", c.rank_alpha, 0.0)
     run(check_range, "rank_beta", c.rank_beta, -1.0, 1.0)
     run(check_range, "rank_pos_weight", c.rank_pos_weight, 0.0)
+    run(check_range, "ssr_uniformity", c.ssr_uniformity, 0.0)
     run(check_positive_int, "epochs", c.epochs)
     optional_int("steps_per_epoch")
     optional_int("max_steps")

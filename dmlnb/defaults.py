@@ -19,6 +19,9 @@ SSR_SIGMA = 0.2  # REPRO: strength schedule t_n = tanh(sigma * n)
 SSR_FAMILIES = ("crop", "perspective", "color")  # PAPER: random crop, perspective, colour jitter
 SSR_EXTRA_FAMILIES = ("rotation", "blur")  # DECISION: optional families, off by default
 SSR_NESTED = True  # DECISION: view n+1 continues view n's random direction
+VIEW_FILL = "border"  # DECISION: pixels a warp brings in take the mean of the image's outermost
+# pixel ring (its background), not black: a black wedge would tell the ranking head the level
+VIEW_FILL_CHOICES = ("border",)  # besides a number in [0, 1]
 COLOR_FACTOR = 0.5  # REPRO: brightness/contrast/saturation factor 1 +- 0.5 t_n
 ROTATION_MAX_DEG = 45.0  # DECISION: rotation angle = t * 45 degrees
 BLUR_MAX_SIGMA = 2.0  # DECISION: Gaussian blur sigma = t * 2 px (at 32 px; scaled with size)
@@ -30,6 +33,9 @@ RANK_BETA = 0.5  # REPRO: point-wise floor beta
 RANK_POS_WEIGHT = 1.0  # REPRO: lambda_r
 RANK_PAIRS = "adjacent"  # REPRO: adjacent pairs (n, n+1); "all" pairs n < m as an option
 SSR_WEIGHT = 0.8  # REPRO: gamma in L = L_metric + gamma * L_rank
+SSR_UNIFORMITY = 0.0  # EXTENSION (off: the paper's form): weight of a uniformity term on the SSR
+# head (Wang & Isola 2020) that keeps different images apart there; see docs/method.md
+SSR_UNIFORMITY_T = 2.0  # Wang & Isola 2020: t in log E exp(-t ||u_i - u_j||^2)
 SSR_PROB = 0.8  # PAPER: the SSR branch runs with probability p, a fresh coin per iteration
 SSR_IMAGES = 20  # PAPER: M = 20 images of a batch of 120 get views
 

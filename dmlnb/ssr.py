@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmlnb.defaults import SSR_FAMILIES, SSR_LEVELS, SSR_SIGMA
+from dmlnb.defaults import SSR_FAMILIES, SSR_LEVELS, SSR_SIGMA, SSR_UNIFORMITY
 from dmlnb.losses.ranking import RankingLoss
+from dmlnb.losses.uniformity import uniformity
 from dmlnb.metrics import view_ranking_consistency
 from dmlnb.views import make_views
 
@@ -88,14 +89,20 @@ class SSRBranch(nn.Module):
         The views (:func:`dmlnb.views.make_views`).
     ranking_loss : RankingLoss
         ``L_rank`` (:func:`build_ranking_loss`).
+    uniformity : float
+        An extension (0, the default: the paper's form): weight ``w_u`` of
+        :func:`dmlnb.losses.uniformity` on the SSR embeddings of the batch's originals, added to
+        ``L_rank`` (so also multiplied by gamma): ``gamma (L_rank + w_u L_unif)``.
     world_size : int
         Processes sharing the global batch: each picks ``M / world_size`` of its own images.
     """
 
     def __init__(self, *, enabled: bool, prob: float, images: int, levels: int, weight: float,
                  families: tuple[str, ...], sigma: float, nested: bool,
-                 ranking_loss: RankingLoss, world_size: int = 1) -> None:
+                 ranking_loss: RankingLoss, world_size: int = 1,
+                 uniformity: float = SSR_UNIFORMITY) -> None:
         super().__init__()
+        self.uniformity = uniformity
         self.enabled, self.prob, self.images, self.levels = enabled, prob, images, levels
         self.weight, self.families, self.sigma, self.nested = weight, families, sigma, nested
         self.ranking_loss = ranking_loss
@@ -107,7 +114,8 @@ class SSRBranch(nn.Module):
         return cls(enabled=cfg.ssr, prob=cfg.ssr_prob, images=cfg.ssr_images,
                    levels=cfg.ssr_levels, weight=cfg.ssr_weight, families=cfg.ssr_families,
                    sigma=cfg.ssr_sigma, nested=cfg.ssr_nested,
-                   ranking_loss=build_ranking_loss(cfg), world_size=world_size)
+                   ranking_loss=build_ranking_loss(cfg), world_size=world_size,
+                   uniformity=cfg.ssr_uniformity)
 
     def draw(self, images: torch.Tensor, coin: torch.Generator,
              views: torch.Generator) -> SSRDraw:
@@ -126,16 +134,24 @@ class SSRBranch(nn.Module):
 
     def loss(self, ssr_embeddings: torch.Tensor, draw: SSRDraw,
              batch: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``(gamma L_rank, {"loss_rank", "rank_sort", "rank_pos"})`` from the SSR head's
-        embeddings of one pass over :meth:`SSRDraw.inputs` (originals first, ``batch`` of them).
+        """``(gamma L_rank, {"loss_rank", "rank_sort", "rank_pos"[, "ssr_unif"]})`` from the SSR
+        head's embeddings of one pass over :meth:`SSRDraw.inputs` (originals first, ``batch`` of
+        them). With the uniformity extension on, ``L_rank`` gains ``w_u L_unif`` over the
+        originals (logged as ``ssr_unif``).
         """
         M, N = draw.pick.shape[0], self.levels
         anchor = ssr_embeddings[draw.pick].float()
         views = ssr_embeddings[batch:].float().reshape(M, N, -1)
         parts = self.ranking_loss.parts(anchor, views)
-        logged = {"loss_rank": parts.total.detach(), "rank_sort": parts.sort.detach(),
+        total, unif = parts.total, None
+        if self.uniformity > 0 and batch >= 2:
+            unif = uniformity(ssr_embeddings[:batch].float())
+            total = total + self.uniformity * unif
+        logged = {"loss_rank": total.detach(), "rank_sort": parts.sort.detach(),
                   "rank_pos": parts.pos.detach()}
-        return self.weight * parts.total, logged
+        if unif is not None:
+            logged["ssr_unif"] = unif.detach()
+        return self.weight * total, logged
 
 
 # --- diagnostics ---------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from dmlnb.config import PRESETS, TrainConfig
 from dmlnb.measure import intraclass_measures, measure_run, measure_untrained  # noqa: F401
 from dmlnb.runs import write_json
 
@@ -60,10 +61,49 @@ ABLATIONS: tuple[dict[str, Any], ...] = (
 FASHION = {"dataset": "fashion_mnist", "batch_size": 80, "samples_per_class": 16}
 METRICS = ("recall@1", "recall@2", "recall@4", "recall@8", "map@r", "r_precision", "nmi", "f1")
 PAIRED_IN_REPORT = ("recall@1", "map@r", "r_precision", "nmi", "view_tau_metric", "view_tau_ssr",
-                    "spread", "lift_family", "lift_weight")
+                    "spread", "rho", "density_ratio", "lift_family", "lift_weight", "lift_theme")
+#: the SSR settings a study row is named by (:func:`setting_name`)
+SSR_FIELDS = ("ssr_prob", "ssr_weight", "ssr_levels", "ssr_images", "ssr_families", "ssr_sigma",
+              "ssr_nested", "ssr_pairs", "rank_scale", "rank_alpha", "rank_beta", "rank_pos_weight",
+              "ssr_uniformity")
+_DEFAULTS = TrainConfig().to_dict()
+#: the columns every row of runs.csv carries (from the run's config where the grid left them out)
+IDENTITY = ("dataset", "loss", "backbone", "pretrained", "image_size", "ssr", "seed")
+
+# --- the pretrained regime (the paper's) --------------------------------------------------------
+PRETRAINED_DATASETS = ("glyphs", "icons")
+#: per data set, on top of its ``cpu-<dataset>-lite0`` preset. The glyphs' validation (5,177) and
+#: test (26,756) splits would cost more time to embed at every evaluation than the 100 training
+#: steps take on the CPU: 300 images per class in every split (train 7,500, val 1,800, test 9,300).
+#: The icons keep their recolour variants (train 3,235, val 880, test 4,009 images), so that a
+#: theme family repeats within a class and its lift measures style within a class.
+PRETRAINED_DATA: dict[str, dict[str, Any]] = {"glyphs": {"dataset_options": {"max_per_class": 300}},
+                                              "icons": {"dataset_options": {"variants": True}}}
+#: the SSR settings searched on the validation classes (seed :data:`SEARCH_SEED`) per data set and
+#: loss, each a name and the fields it changes. "paper" is the paper's form with the values of the
+#: package's defaults; the others answer the SSR diagnostics of the default runs: a ranking gradient
+#: of a few per cent of the metric loss's (gamma = 2), a point-wise floor that never acts because
+#: every S_n stays above beta = 0.5 (beta = 0.85), and an SSR head that maps different images to
+#: nearly one point (the uniformity extension, not the paper's form).
+SEARCH_CANDIDATES: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("paper", {}),
+    ("gamma=2", {"ssr_weight": 2.0}),
+    ("beta=0.85", {"rank_beta": 0.85}),
+    ("uniformity=1 (extension)", {"ssr_uniformity": 1.0}),
+)
+SEARCH_SEED = 0
+#: the search points evaluate the validation split as their "test" split: the test classes are
+#: never seen while the settings are chosen
+SEARCH_SELECT = "map@r"
+
+#: SSR diagnostics of a run's summary (``ssr_diagnostics/...`` in the sweep table)
+DIAGNOSTICS = ("ssr_diagnostics/rank_sort", "ssr_diagnostics/rank_pos", "ssr_diagnostics/ssr_grad_ratio",
+               "ssr_diagnostics/ssr_cross_cos", "ssr_diagnostics/view_tau_metric",
+               "ssr_diagnostics/view_tau_ssr")
 INTRACLASS = (
     "view_pair_order_metric", "view_tau_metric", "view_pair_order_ssr", "view_tau_ssr",
-    "spread", "lift_family", "lift_weight", "lift_italic", "lift_category",
+    "spread", "rho", "density_ratio", "orig_r1_level1", "orig_r1_level2", "orig_r1_level3",
+    "orig_r1_level4", "lift_family", "lift_weight", "lift_italic", "lift_category", "lift_theme",
 )
 
 
@@ -96,60 +136,159 @@ def study_grid(quick: bool = False, fashion: bool = True) -> list[dict[str, Any]
     return grid
 
 
+def pretrained_base(dataset: str, quick: bool = False) -> dict[str, Any]:
+    """The fields of one pretrained-regime run on ``dataset``: its ``cpu-<dataset>-lite0``
+    preset, :data:`PRETRAINED_DATA`, quiet. ``quick``: 3 steps on 8 images per class."""
+    base = {**PRESETS[f"cpu-{dataset}-lite0"], **PRETRAINED_DATA.get(dataset, {}), "quiet": True}
+    if quick:
+        base.update(epochs=1, steps_per_epoch=3, ssr_diag_images=8,
+                    dataset_options={**base.get("dataset_options", {}), "max_per_class": 8})
+    return base
+
+
+def search_grid(
+    datasets: Sequence[str] = PRETRAINED_DATASETS,
+    losses: Sequence[str] = HEADLINE_LOSSES,
+    candidates: Sequence[tuple[str, dict[str, Any]]] = SEARCH_CANDIDATES,
+    *,
+    quick: bool = False,
+) -> list[dict[str, Any]]:
+    """The search on validation classes: one SSR run per (data set, loss, candidate) with seed
+    :data:`SEARCH_SEED`, whose final evaluation is on the validation split (``test_split="val"``)."""
+    # every candidate states every searched field (the defaults where it keeps them), so that
+    # each sweep point is named by its values
+    searched = list(dict.fromkeys(k for _, fields in candidates for k in fields))
+    grid = []
+    for dataset in datasets:
+        for _name, fields in candidates:
+            explicit = {k: fields.get(k, _DEFAULTS[k]) for k in searched}
+            grid.append({**pretrained_base(dataset, quick), "loss": list(losses), "ssr": True,
+                         "seed": SEARCH_SEED, "test_split": "val", **explicit})
+    return grid
+
+
+def search_results(
+    table: pd.DataFrame,
+    candidates: Sequence[tuple[str, dict[str, Any]]] = SEARCH_CANDIDATES,
+    metric: str = SEARCH_SELECT,
+) -> pd.DataFrame:
+    """One row per (data set, loss, candidate) of a finished search sweep: the validation metrics
+    (the search points' ``test/<metric>``: their test split is the validation split), the SSR
+    diagnostics, and ``chosen`` (the best ``metric`` per data set and loss; ties: the earlier
+    candidate, so the paper's form wins a tie)."""
+    rows = []
+    by_setting = {setting_name(pd.Series({"ssr": True, **fields})): name for name, fields in candidates}
+    order = {name: i for i, (name, _) in enumerate(candidates)}
+    for _, r in table.iterrows():
+        name = by_setting.get(setting_name(r))
+        if name is None:
+            continue
+        row = {"dataset": r["dataset"], "loss": r["loss"], "candidate": name,
+               "setting": setting_name(r), "status": r.get("status")}
+        for m in ("recall@1", "r_precision", "map@r", "nmi"):
+            row[f"val_{m}"] = r.get(f"test/{m}", r.get(m))
+        for k in ("rank_sort", "rank_pos", "ssr_grad_ratio", "ssr_cross_cos", "view_tau_ssr"):
+            row[k] = r.get(f"ssr_diagnostics/{k}")
+        row["seconds"] = r.get("seconds")
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    out["order"] = out["candidate"].map(order)
+    out = out.sort_values(["dataset", "loss", "order"]).reset_index(drop=True)
+    out["chosen"] = False
+    for _, group in out[out.status == "ok"].groupby(["dataset", "loss"]):
+        values = pd.to_numeric(group[f"val_{metric}"], errors="coerce")
+        if values.notna().any():
+            out.loc[values.idxmax(), "chosen"] = True  # idxmax: the first of equal maxima
+    return out.drop(columns="order")
+
+
+def pretrained_grid(
+    chosen: dict[tuple[str, str], dict[str, Any]],
+    seeds: Sequence[int] = SEEDS,
+    *,
+    quick: bool = False,
+) -> list[dict[str, Any]]:
+    """The pretrained study: per (data set, loss) of ``chosen`` (its SSR fields from the
+    search), the baseline and the chosen SSR setting with every seed, and the paper's form as
+    well when the search chose another setting (the ablation of the choice against the paper)."""
+    grid, extra = [], []
+    for (dataset, loss), fields in chosen.items():
+        base = {**pretrained_base(dataset, quick), "loss": loss, "seed": list(seeds)}
+        grid.append({**base, "ssr": False})
+        grid.append({**base, "ssr": True, **fields})
+        if fields:
+            extra.append({**base, "ssr": True})
+    return grid + extra
+
+
 # ------------------------------------------------------------------------------------------------
 # Statistics
 # ------------------------------------------------------------------------------------------------
 def paired_comparison(
     table: pd.DataFrame, metrics: Sequence[str], *, by: Sequence[str] = ("dataset", "loss"),
 ) -> pd.DataFrame:
-    """SSR minus baseline per metric, paired by seed, for each group of ``by``.
+    """Each SSR setting minus the baseline per metric, paired by seed, for each group of ``by``.
 
-    Only the default SSR setting is compared (rows with ``setting == "baseline"`` vs
-    ``setting == "ssr"``). Columns: the group, ``metric``, ``n`` (paired seeds), ``baseline``,
-    ``ssr`` (means), ``diff`` (mean of the paired differences), ``diff_std``, ``t_p`` (two-sided
-    paired t-test), ``wilcoxon_p`` (two-sided exact signed-rank test; with 5 seeds the smallest
-    possible value is 0.0625, so it can never reach 0.05).
+    Rows with ``setting == "baseline"`` are compared with the rows of every other trained setting
+    (``ssr``, ``ssr, <field>=<value>``; not ``untrained``) that shares at least 2 seeds.
+    Columns: the group, ``setting``, ``metric``, ``n`` (paired seeds), ``baseline``, ``ssr``
+    (means), ``diff`` (mean of the paired differences), ``diff_std``, ``t_p`` (two-sided paired
+    t-test), ``wilcoxon_p`` (two-sided exact signed-rank test; with 5 seeds the smallest possible
+    value is 0.0625, so it can never reach 0.05).
     """
     from scipy import stats
 
     rows = []
     for key, group in table.groupby(list(by), sort=True):
         base = group[group.setting == "baseline"].set_index("seed")
-        ssr = group[group.setting == "ssr"].set_index("seed")
-        seeds = sorted(set(base.index) & set(ssr.index))
-        if len(seeds) < 2:
-            continue
-        for m in metrics:
-            if m not in group.columns:
+        others = [x for x in dict.fromkeys(group.setting) if x not in ("baseline", "untrained")]
+        for setting in sorted(others, key=lambda x: (x != "ssr", x)):
+            ssr = group[group.setting == setting].set_index("seed")
+            seeds = sorted(set(base.index) & set(ssr.index))
+            if len(seeds) < 2:
                 continue
-            a = base.loc[seeds, m].astype(float).to_numpy()
-            b = ssr.loc[seeds, m].astype(float).to_numpy()
-            if np.isnan(a).any() or np.isnan(b).any():
-                continue
-            d = b - a
-            t_p = float(stats.ttest_rel(b, a).pvalue) if d.std() > 0 else float("nan")
-            w_p = float(stats.wilcoxon(b, a).pvalue) if np.any(d != 0) else float("nan")
-            rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,), strict=False)), "metric": m,
-                         "n": len(seeds), "baseline": a.mean(), "ssr": b.mean(), "diff": d.mean(),
-                         "diff_std": d.std(ddof=1), "t_p": t_p, "wilcoxon_p": w_p})
+            for m in metrics:
+                if m not in group.columns:
+                    continue
+                a = pd.to_numeric(base.loc[seeds, m], errors="coerce").to_numpy(dtype=float)
+                b = pd.to_numeric(ssr.loc[seeds, m], errors="coerce").to_numpy(dtype=float)
+                if np.isnan(a).any() or np.isnan(b).any():
+                    continue
+                d = b - a
+                t_p = float(stats.ttest_rel(b, a).pvalue) if d.std() > 0 else float("nan")
+                w_p = float(stats.wilcoxon(b, a).pvalue) if np.any(d != 0) else float("nan")
+                rows.append({**dict(zip(by, key if isinstance(key, tuple) else (key,), strict=False)),
+                             "setting": setting, "metric": m, "n": len(seeds), "baseline": a.mean(),
+                             "ssr": b.mean(), "diff": d.mean(), "diff_std": d.std(ddof=1),
+                             "t_p": t_p, "wilcoxon_p": w_p})
     return pd.DataFrame(rows)
 
 
 def setting_name(row: pd.Series) -> str:
-    """``untrained``, ``baseline``, ``ssr`` (the defaults) or ``ssr, <field>=<value>`` (ablation)."""
+    """``untrained``, ``baseline``, ``ssr`` (the defaults) or ``ssr, <field>=<value>, ...``: the
+    SSR settings (:data:`SSR_FIELDS`) in which the row differs from
+    :class:`~dmlnb.config.TrainConfig`'s defaults (a missing or empty column is the default)."""
     if row.get("setting") == "untrained":
         return "untrained"
-    if not bool(row["ssr"]):
+    if not _truthy(row["ssr"]):
         return "baseline"
     changed = []
-    for ab in ABLATIONS:
-        for k, v in ab.items():
-            col = row.get(k)
-            if col is None or (isinstance(col, float) and math.isnan(col)):
-                continue
-            if _same(col, v):
-                changed.append(f"{k}={_fmt_value(v)}")
-    return "ssr" if not changed else "ssr, " + ", ".join(sorted(set(changed)))
+    for k in SSR_FIELDS:
+        col = row.get(k)
+        if col is None or (isinstance(col, float) and math.isnan(col)):
+            continue
+        default = _DEFAULTS[k]
+        default = list(default) if isinstance(default, tuple) else default
+        if not _same(col, default):
+            value = json.loads(col) if isinstance(col, str) and col.startswith("[") else col
+            changed.append(f"{k}={_fmt_value(value)}")
+    return "ssr" if not changed else "ssr, " + ", ".join(changed)
+
+
+def _truthy(v: Any) -> bool:
+    return str(v).strip().lower() in ("true", "1", "1.0", "yes")
 
 
 def _same(col: Any, v: Any) -> bool:
@@ -167,7 +306,11 @@ def _same(col: Any, v: Any) -> bool:
 
 
 def _fmt_value(v: Any) -> str:
-    return "+".join(v) if isinstance(v, list) else str(v)
+    if isinstance(v, list):
+        return "+".join(map(str, v))
+    if isinstance(v, float) and v.is_integer():
+        return str(int(v)) if abs(v) >= 1 else str(v)
+    return str(v)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -210,6 +353,15 @@ def run_study(
     budget["sweep_points"] = int(len(table))
     budget["sweep_point_s_sum"] = round(float(pd.to_numeric(table.get("seconds"), errors="coerce").sum()), 1)
 
+    return analyze(out, table, budget, quick=quick)
+
+
+def analyze(out: Path, table: pd.DataFrame, budget: dict[str, Any], *, quick: bool = False,
+            preamble: str = "") -> dict[str, pd.DataFrame]:
+    """Measure every finished run of the sweep table ``table`` (points under ``out/runs``), add
+    the untrained reference rows, and write runs.csv, settings.csv, paired.csv, results.md (with
+    ``preamble`` first), the figures and budget.json into ``out``."""
+    t0 = time.perf_counter() - budget.get("sweep_s", 0.0)
     t1 = time.perf_counter()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     rows = []
@@ -218,6 +370,7 @@ def run_study(
         if row.get("status") == "ok":
             run_dir = _run_dir_of(out / "runs", row)
             row.update(measure_run(run_dir))
+            _fill_identity(row, run_dir)
         rows.append(row)
     runs = pd.DataFrame(rows)
     runs = runs.rename(columns={c: c.split("/", 1)[1] for c in runs.columns if c.startswith("test/")})
@@ -228,10 +381,14 @@ def run_study(
     reference = _untrained_rows(out, table, quick)
     budget["untrained_s"] = round(time.perf_counter() - t2, 1)
     runs = pd.concat([runs, reference], ignore_index=True)
+    first = [c for c in ("point", "status", "setting", *IDENTITY) if c in runs.columns]
+    runs = runs[first + [c for c in runs.columns if c not in first]]
     runs.to_csv(out / "runs.csv", index=False)
 
-    columns = [c for c in METRICS + INTRACLASS if c in runs.columns]
-    ok = runs[runs["status"] == "ok"]
+    columns = [c for c in METRICS + INTRACLASS + DIAGNOSTICS if c in runs.columns]
+    ok = runs[runs["status"] == "ok"].copy()
+    for c in columns:
+        ok[c] = pd.to_numeric(ok[c], errors="coerce")
     settings = (ok.groupby(["dataset", "loss", "setting"], sort=False)[columns].agg(["mean", "std"]))
     settings.columns = [f"{m}_{s}" for m, s in settings.columns]
     settings["n"] = ok.groupby(["dataset", "loss", "setting"], sort=False).size()
@@ -242,9 +399,120 @@ def run_study(
     failed = runs[runs["status"] != "ok"]
     budget["total_s"] = round(time.perf_counter() - t0, 1)
     write_json(out / "budget.json", budget)
-    (out / "results.md").write_text(render_markdown(settings, paired, failed, budget))
-    write_figures(settings, out / "figures")
+    (out / "results.md").write_text(preamble + render_markdown(settings, paired, failed, budget))
+    write_figures(settings, out / "figures", runs=ok, paired=paired)
     return {"runs": runs, "settings": settings, "paired": paired}
+
+
+def _fill_identity(row: dict[str, Any], run_dir: Path) -> None:
+    """The :data:`IDENTITY` columns a grid left out, from the run's own ``config.json``."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return
+    for k in IDENTITY:
+        v = row.get(k)
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            row[k] = config.get(k)
+
+
+def run_pretrained_study(
+    out: str | Path = "study/pretrained",
+    jobs: int = 2,
+    *,
+    quick: bool = False,
+    datasets: Sequence[str] = PRETRAINED_DATASETS,
+    losses: Sequence[str] = HEADLINE_LOSSES,
+    seeds: Sequence[int] = SEEDS,
+    candidates: Sequence[tuple[str, dict[str, Any]]] = SEARCH_CANDIDATES,
+    notebook: str | Path = NOTEBOOK,
+    analyze_only: bool = False,
+    cell_timeout: float | None = None,
+    notebook_timeout: float | None = None,
+    progress: bool = True,
+) -> dict[str, pd.DataFrame]:
+    """The study in the pretrained regime, in two stages, into ``out``:
+
+    1. the search (:func:`search_grid`) on the validation classes, sweep ``out/search``, table
+       ``out/search.csv`` (:func:`search_results`): one SSR setting chosen per data set and loss;
+    2. the grid (:func:`pretrained_grid`): baseline vs the chosen setting (and the paper's form when
+       another was chosen), every seed, sweep ``out/runs``; then :func:`analyze`.
+
+    Both sweeps reuse finished points, so an interrupted study continues where it stopped.
+    ``analyze_only`` trains nothing and reports what is finished.
+    """
+    from dmlnb.sweep import collect, run_sweep
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    budget: dict[str, Any] = {"jobs": jobs, "cores": os.cpu_count(), "quick": quick,
+                              "regime": "pretrained", "code": _code_version()}
+    t0 = time.perf_counter()
+    sweep = dict(jobs=jobs, cell_timeout=cell_timeout, notebook_timeout=notebook_timeout,
+                 progress=progress)
+    sgrid = search_grid(datasets, losses, candidates, quick=quick)
+    stable = (collect(out / "search") if analyze_only and (out / "search").is_dir()
+              else run_sweep(notebook, sgrid, out / "search", **sweep))
+    search = search_results(stable, candidates)
+    search.to_csv(out / "search.csv", index=False)
+    budget["search_points"] = int(len(stable))
+    budget["search_point_s_sum"] = round(float(pd.to_numeric(stable.get("seconds"), errors="coerce").sum()), 1)
+    fields = dict(candidates)
+    chosen = {}
+    for (dataset, loss), group in search.groupby(["dataset", "loss"], sort=False):
+        pick = group[group.chosen]
+        if len(pick):
+            chosen[(dataset, loss)] = fields[pick.iloc[0]["candidate"]]
+    grid = pretrained_grid(chosen, seeds, quick=quick)
+    table = (collect(out / "runs") if analyze_only and (out / "runs").is_dir()
+             else run_sweep(notebook, grid, out / "runs", **sweep) if grid else pd.DataFrame())
+    budget["sweep_s"] = round(time.perf_counter() - t0, 1)
+    budget["sweep_points"] = int(len(table))
+    budget["sweep_point_s_sum"] = round(float(pd.to_numeric(table.get("seconds"), errors="coerce").sum()), 1)
+    result = analyze(out, table, budget, quick=quick, preamble=render_search(search, budget))
+    result["search"] = search
+    return result
+
+
+def _code_version() -> str:
+    """The git commit of the package's checkout (``+dirty`` with uncommitted changes), or ``?``."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "dmlnb", "notebooks"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    return head + ("+dirty" if dirty else "")
+
+
+def render_search(search: pd.DataFrame, budget: dict[str, Any]) -> str:
+    """The search table as Markdown: validation metrics and SSR diagnostics per candidate."""
+    if search.empty:
+        return ""
+    lines = [f"**SSR settings searched on the validation classes** (seed {SEARCH_SEED}, one run per "
+             f"cell, {budget.get('search_points', len(search))} runs, "
+             f"{budget.get('search_point_s_sum', 0) / 60:.0f} min in all; the chosen setting per "
+             f"data set and loss, marked *, has the best validation {SEARCH_SELECT})", "",
+             "| dataset | loss | candidate | val MAP@R | val R@1 | L_sort | L_pos | grad ratio | "
+             "SSR cross-cos | SSR view tau |", "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(v: Any) -> str:
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            return "-"
+        return "-" if math.isnan(v) else f"{v:.3f}"
+
+    for _, r in search.iterrows():
+        mark = " *" if r["chosen"] else ""
+        lines.append(f"| {r['dataset']} | {r['loss']} | {r['candidate']}{mark} | {f(r['val_map@r'])} | "
+                     f"{f(r['val_recall@1'])} | {f(r['rank_sort'])} | {f(r['rank_pos'])} | "
+                     f"{f(r['ssr_grad_ratio'])} | {f(r['ssr_cross_cos'])} | {f(r['view_tau_ssr'])} |")
+    return "\n".join(lines) + "\n\n"
 
 
 def _run_dir_of(sweep_out: Path, row: dict[str, Any]) -> Path:
@@ -254,32 +522,50 @@ def _run_dir_of(sweep_out: Path, row: dict[str, Any]) -> Path:
     return sweep_out / str(point) / "run"
 
 
+#: the fields an untrained reference row copies from its grid's rows
+_UNTRAINED_FIELDS = ("dataset_options", "batch_size", "samples_per_class", "backbone", "pretrained",
+                     "image_size", "channels_last")
+
+
 def _untrained_rows(out: Path, table: pd.DataFrame, quick: bool) -> pd.DataFrame:
-    """One reference row per (dataset, loss, seed) of the grid: the untrained network."""
+    """One reference row per (dataset, backbone, seed) of the grid: the network before training
+    (for a pretrained backbone: its ImageNet weights with freshly initialised heads)."""
     cache_dir = out / "untrained"
     cache_dir.mkdir(exist_ok=True)
     rows = []
     seen = set()
     for _, r in table.iterrows():
-        key = (r["dataset"], r["seed"])
-        if key in seen or r.get("status") != "ok":
+        if r.get("status") != "ok":
+            continue
+        config = {"dataset": r["dataset"], "quiet": True}
+        for k in _UNTRAINED_FIELDS:
+            v = r.get(k)
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                continue
+            if k == "dataset_options":
+                v = json.loads(v) if isinstance(v, str) else v
+            elif k in ("pretrained", "channels_last"):
+                v = _truthy(v)
+            elif k != "backbone":
+                v = int(v)  # table columns hold floats
+            config[k] = v
+        backbone = config.get("backbone", _DEFAULTS["backbone"])
+        key = (r["dataset"], backbone, int(r["seed"]))
+        if key in seen:
             continue
         seen.add(key)
-        cache = cache_dir / f"{r['dataset']}-seed{int(r['seed'])}.json"
+        stem = f"{r['dataset']}-seed{int(r['seed'])}" if backbone == _DEFAULTS["backbone"] else \
+            f"{r['dataset']}-{backbone}-seed{int(r['seed'])}"
+        cache = cache_dir / f"{stem}.json"
         if cache.exists():
             result = json.loads(cache.read_text())
         else:
-            config = {"dataset": r["dataset"], "quiet": True}
-            for k in ("dataset_options", "batch_size", "samples_per_class"):
-                v = r.get(k)
-                if isinstance(v, str) and v.startswith("{"):
-                    v = json.loads(v)
-                if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                    config[k] = int(v) if k != "dataset_options" else v  # table columns hold floats
             result = measure_untrained(config, int(r["seed"]))
             write_json(cache, result)
         for loss in sorted(set(table[table.dataset == r["dataset"]]["loss"])):
             rows.append({"dataset": r["dataset"], "loss": loss, "seed": int(r["seed"]), "ssr": False,
+                         "backbone": backbone, "pretrained": config.get("pretrained", False),
+                         "image_size": config.get("image_size", _DEFAULTS["image_size"]),
                          "status": "ok", "setting": "untrained", **result})
     return pd.DataFrame(rows)
 
@@ -299,8 +585,10 @@ def render_markdown(settings: pd.DataFrame, paired: pd.DataFrame, failed: pd.Dat
              f"{budget['total_s'] / 60:.1f} min." + (" QUICK MODE: numbers mean nothing." if budget["quick"] else ""),
              ""]
     retrieval = [m for m in ("recall@1", "map@r", "r_precision", "nmi", "f1") if f"{m}_mean" in settings]
-    intra = [m for m in ("view_tau_metric", "view_tau_ssr", "spread", "lift_family", "lift_weight",
-                         "lift_italic", "lift_category") if f"{m}_mean" in settings]
+    intra = [m for m in ("view_tau_metric", "view_tau_ssr", "spread", "rho", "density_ratio",
+                         "orig_r1_level1", "orig_r1_level4", "lift_family", "lift_weight",
+                         "lift_italic", "lift_category", "lift_theme")
+             if f"{m}_mean" in settings and settings[f"{m}_mean"].notna().any()]
     for title, cols in (("Retrieval and clustering (test classes)", retrieval),
                         ("Intra-class structure (test classes)", intra)):
         lines += [f"**{title}**", "", "| dataset | loss | setting | n | " + " | ".join(cols) + " |",
@@ -310,12 +598,15 @@ def render_markdown(settings: pd.DataFrame, paired: pd.DataFrame, failed: pd.Dat
             lines.append(f"| {s['dataset']} | {s['loss']} | {s['setting']} | {int(s['n'])} | " + " | ".join(cells) + " |")
         lines.append("")
     if len(paired):
-        lines += ["**SSR minus baseline, paired by seed** (t: paired t-test; W: Wilcoxon signed-rank, "
-                  "two-sided)", "", "| dataset | loss | metric | n | baseline | SSR | diff ± std | t p | W p |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for _, p in paired[paired.metric.isin(PAIRED_IN_REPORT)].iterrows():
-            lines.append(f"| {p['dataset']} | {p['loss']} | {p['metric']} | {int(p['n'])} | {p['baseline']:.3f} | "
-                         f"{p['ssr']:.3f} | {p['diff']:+.3f} ± {p['diff_std']:.3f} | {p['t_p']:.3f} | {p['wilcoxon_p']:.3f} |")
+        lines += ["**SSR setting minus baseline, paired by seed** (t: paired t-test; W: exact Wilcoxon "
+                  "signed-rank, two-sided)", "",
+                  "| dataset | loss | setting | metric | n | baseline | SSR | diff ± std | t p | W p |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        setting_of = paired["setting"] if "setting" in paired else pd.Series("ssr", index=paired.index)
+        for i, p in paired[paired.metric.isin(PAIRED_IN_REPORT)].iterrows():
+            lines.append(f"| {p['dataset']} | {p['loss']} | {setting_of[i]} | {p['metric']} | {int(p['n'])} | "
+                         f"{p['baseline']:.3f} | {p['ssr']:.3f} | {p['diff']:+.3f} ± {p['diff_std']:.3f} | "
+                         f"{p['t_p']:.3f} | {p['wilcoxon_p']:.3f} |")
         lines.append("")
     if len(failed):
         lines += [f"Failed runs: {len(failed)}", ""]
@@ -325,34 +616,108 @@ def render_markdown(settings: pd.DataFrame, paired: pd.DataFrame, failed: pd.Dat
     return "\n".join(lines)
 
 
-def write_figures(settings: pd.DataFrame, out: Path) -> list[Path]:
-    """Bar charts (mean ± std over seeds) of MAP@R, Recall@1 and the intra-class measures."""
+#: the panels of the study figure, when the data set has them
+FIGURE_METRICS = ("map@r", "recall@1", "r_precision", "nmi", "view_tau_metric", "spread", "rho",
+                  "density_ratio", "lift_family", "lift_weight")
+
+
+def paired_differences_figure(runs: pd.DataFrame, dataset: str, metrics: Sequence[str] = FIGURE_METRICS):
+    """SSR setting minus baseline, one point per seed (paired), with the mean and its standard
+    deviation, per metric and loss: the differences the study is about, on axes that fit them
+    (a bar chart from 0 would hide them). Panels only for metrics the data set has."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
+    from dmlnb.viz import setting_colour
+
+    sub = runs[(runs["dataset"] == dataset) & (runs["status"] == "ok")]
+    def informative(m: str) -> bool:  # present, and not one constant (a lift that is 0 by construction)
+        v = pd.to_numeric(sub[m], errors="coerce").dropna() if m in sub.columns else pd.Series([], dtype=float)
+        return len(v) > 0 and v.nunique() > 1
+
+    panels = [m for m in metrics if informative(m)]
+    losses = list(dict.fromkeys(sub["loss"]))
+    ncols = min(4, max(1, len(panels)))
+    nrows = max(1, math.ceil(len(panels) / ncols))
+    fig = make_subplots(rows=nrows, cols=ncols, subplot_titles=[f"Δ {m}" for m in panels],
+                        horizontal_spacing=0.06, vertical_spacing=0.18)
+    shown = set()
+    for j, m in enumerate(panels):
+        row, col = j // ncols + 1, j % ncols + 1
+        for li, loss in enumerate(losses):
+            part = sub[sub["loss"] == loss]
+            base = part[part.setting == "baseline"].set_index("seed")[m]
+            settings = [x for x in dict.fromkeys(part.setting) if x not in ("baseline", "untrained")]
+            for si, setting in enumerate(sorted(settings, key=lambda x: (x != "ssr", x))):
+                other = part[part.setting == setting].set_index("seed")[m]
+                seeds = sorted(set(base.index) & set(other.index))
+                if not seeds:
+                    continue
+                d = (pd.to_numeric(other.loc[seeds], errors="coerce")
+                     - pd.to_numeric(base.loc[seeds], errors="coerce")).to_numpy(dtype=float)
+                x = f"{loss}"
+                offset = (si - (len(settings) - 1) / 2) * 0.18
+                colour = setting_colour(setting)
+                name = f"{setting} − baseline"
+                fig.add_trace(go.Scatter(
+                    x=[li + offset] * len(d), y=d, mode="markers", name=name, legendgroup=name,
+                    marker={"color": colour, "size": 7, "opacity": 0.55}, showlegend=False,
+                    hovertext=[f"{x}, seed {s}: {v:+.4f}" for s, v in zip(seeds, d, strict=True)],
+                    hoverinfo="text"), row=row, col=col)
+                std = float(np.std(d, ddof=1)) if len(d) > 1 else 0.0
+                fig.add_trace(go.Scatter(
+                    x=[li + offset + 0.07], y=[float(np.nanmean(d))], mode="markers", name=name,
+                    legendgroup=name, showlegend=name not in shown,
+                    marker={"color": colour, "size": 11, "symbol": "diamond"},
+                    error_y={"type": "data", "array": [std], "color": colour},
+                    hovertext=[f"{x}: mean {np.nanmean(d):+.4f} ± {std:.4f} (n={len(d)})"],
+                    hoverinfo="text"), row=row, col=col)
+                shown.add(name)
+        fig.add_hline(y=0, line={"color": "#444", "width": 1, "dash": "dot"}, row=row, col=col)
+        fig.update_xaxes(tickvals=list(range(len(losses))), ticktext=losses, range=[-0.6, len(losses) - 0.4],
+                         row=row, col=col)
+    fig.update_layout(title=f"{dataset}: SSR minus baseline, paired by seed (dots: seeds; diamond: mean ± std)",
+                      height=330 * nrows + 90, autosize=True, margin={"l": 50, "r": 20, "t": 80, "b": 40},
+                      legend={"orientation": "h", "y": -0.08})
+    return fig
+
+
+def write_figures(settings: pd.DataFrame, out: Path, *, runs: pd.DataFrame | None = None,
+                  paired: pd.DataFrame | None = None) -> list[Path]:
+    """Per data set, the paired-differences figure (:func:`paired_differences_figure`) as
+    responsive interactive HTML (fits any window width) and as a 1,200 px PNG when a PNG route
+    exists (:func:`dmlnb.viz.write_pngs`)."""
+    from dmlnb.viz import write_pngs
+
     out.mkdir(parents=True, exist_ok=True)
-    written = []
-    panels = [m for m in ("map@r", "recall@1", "view_tau_metric", "lift_family") if f"{m}_mean" in settings]
-    for dataset, sub in settings.groupby("dataset", sort=False):
-        fig = make_subplots(rows=1, cols=len(panels), subplot_titles=panels)
-        colours = dict(zip(sorted(set(sub["loss"])), ("#1f77b4", "#d62728", "#2ca02c", "#9467bd"), strict=False))
-        for j, m in enumerate(panels, 1):
-            for loss, part in sub.groupby("loss", sort=False):
-                fig.add_trace(go.Bar(name=loss, x=part["setting"], y=part[f"{m}_mean"],
-                                     marker_color=colours.get(loss),
-                                     error_y={"type": "data", "array": part[f"{m}_std"].fillna(0)},
-                                     legendgroup=loss, showlegend=j == 1), row=1, col=j)
-        fig.update_layout(title=f"Study on {dataset}: mean ± std over seeds", barmode="group",
-                          height=480, width=420 * len(panels))
+    written: list[Path] = []
+    if runs is None or runs.empty:
+        return written
+    pngs = []
+    for dataset in dict.fromkeys(runs["dataset"]):
+        fig = paired_differences_figure(runs, dataset)
+        if not fig.data:
+            continue
         stem = out / f"study_{re.sub(r'[^a-z0-9]+', '_', str(dataset).lower())}"
-        fig.write_html(str(stem) + ".html", include_plotlyjs=True)
+        fig.write_html(str(stem) + ".html", include_plotlyjs=True, full_html=True,
+                       default_width="100%", config={"responsive": True})
         written.append(Path(str(stem) + ".html"))
+        png = _copy_figure(fig)
+        png.update_layout(width=1200)
+        pngs.append((png, Path(str(stem) + ".png")))
+    if pngs:
         try:
-            fig.write_image(str(stem) + ".png", scale=1)
-            written.append(Path(str(stem) + ".png"))
-        except Exception as err:  # noqa: BLE001 - PNG export needs Chrome; HTML is always written
-            print(f"study: PNG export skipped ({err}); the HTML figure is written")
+            written += write_pngs(pngs, scale=1)
+        except RuntimeError as err:  # PNG needs kaleido or Chromium; the HTML is always written
+            print(f"study: PNG export skipped ({err}); the HTML figures are written")
     return written
+
+
+def _copy_figure(fig):
+    """A copy of a plotly figure (to change its layout for one output)."""
+    import plotly.graph_objects as go
+
+    return go.Figure(fig)
 
 
 def splice_readme(results_md: str, readme: Path, marker: str = "study") -> None:
@@ -369,8 +734,13 @@ def splice_readme(results_md: str, readme: Path, marker: str = "study") -> None:
 def add_parser(subparsers) -> None:
     """Register ``dmlnb study``."""
     p = subparsers.add_parser("study", help="run the baseline-vs-SSR study (a papermill sweep) and report it")
-    p.add_argument("--out", default="study", help="study directory (default: study)")
+    p.add_argument("--out", default=None,
+                   help="study directory (default: study, or study/pretrained for --regime pretrained)")
     p.add_argument("--jobs", type=int, default=2, help="training runs at the same time (default 2)")
+    p.add_argument("--regime", choices=("scratch", "pretrained"), default="scratch",
+                   help="scratch: the small CNN from scratch on glyphs and Fashion-MNIST (out: study); "
+                        "pretrained: ImageNet EfficientNet-Lite0 on glyphs and icons, SSR settings "
+                        "searched on validation classes first (out: study/pretrained)")
     p.add_argument("--quick", action="store_true", help="a miniature grid to check the pipeline")
     p.add_argument("--no-fashion", action="store_true", help="skip the Fashion-MNIST repetition")
     p.add_argument("--analyze-only", action="store_true",
@@ -383,9 +753,14 @@ def add_parser(subparsers) -> None:
 
 
 def _main(args) -> int:
-    result = run_study(args.out, args.jobs, quick=args.quick, fashion=not args.no_fashion,
-                       analyze_only=args.analyze_only, cell_timeout=args.cell_timeout,
-                       notebook_timeout=args.notebook_timeout)
+    common = dict(quick=args.quick, analyze_only=args.analyze_only, cell_timeout=args.cell_timeout,
+                  notebook_timeout=args.notebook_timeout)
+    if args.regime == "pretrained":
+        args.out = args.out or "study/pretrained"
+        result = run_pretrained_study(args.out, args.jobs, **common)
+    else:
+        args.out = args.out or "study"
+        result = run_study(args.out, args.jobs, fashion=not args.no_fashion, **common)
     if args.readme:
         splice_readme((Path(args.out) / "results.md").read_text(), Path(args.readme))
     failed = int((result["runs"]["status"] != "ok").sum())

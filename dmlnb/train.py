@@ -629,7 +629,7 @@ def _diagnostics_summary(records: list[dict[str, Any]]) -> dict[str, float | Non
     evaluation's probe (``view_tau_*``, ``ssr_cross_cos``, ``ssr_level_sim_*``)."""
     steps = [r for r in records if r.get("kind") == "step"]
     out: dict[str, float | None] = {}
-    for k in ("rank_sort", "rank_pos", "ssr_grad_ratio", "ssr_grad_cos"):
+    for k in ("rank_sort", "rank_pos", "ssr_unif", "ssr_grad_ratio", "ssr_grad_cos"):
         values = [r[k] for r in steps if r.get(k) is not None and math.isfinite(r[k])]
         out[k] = float(np.mean(values)) if values else None
     probes = [r for r in records if r.get("kind") == "ssr_diag"]
@@ -652,7 +652,7 @@ def _step_record(out: dict, tr: Trainer, step_s: float, data_s: float, sums: dic
         "lr": tr.optimizer.param_groups[0]["lr"], "step_s": step_s, "data_s": data_s,
         "global_batch": out["global_batch"],
     }
-    for k in ("rank_sort", "rank_pos", "ssr_grad_ratio", "ssr_grad_cos"):
+    for k in ("rank_sort", "rank_pos", "ssr_unif", "ssr_grad_ratio", "ssr_grad_cos"):
         if k in out:
             rec[k] = float(out[k])
     return rec

@@ -29,8 +29,11 @@ Geometric families are composed into one projective map per view and sampled onc
 (``F.grid_sample``, bilinear): order crop -> perspective -> rotation, then colour
 (brightness -> contrast -> saturation, a fixed order: torchvision's ``ColorJitter`` shuffles it),
 then blur. Samples that fall inside the image extent use the nearest edge pixel beyond the last
-pixel centre (like a resize); samples outside the image get ``fill`` (0, black, as torchvision), with
-a half-pixel linear ramp so that the border is not jagged. Strength 0 is the identity, exactly.
+pixel centre (like a resize); samples outside the image get ``fill``, with a half-pixel linear ramp
+so that the border is not jagged. The default fill, ``"border"``, is the mean of the image's
+outermost pixel ring per channel (its background: black for the glyphs, grey for the icons): a
+constant black wedge that grows with the strength would be a cue to the level that has nothing to
+do with the image. ``fill=0.0`` is torchvision's black. Strength 0 is the identity, exactly.
 
 Known differences from torchvision's random transforms (the tests check the rest against
 torchvision's functional ops): the crop window is continuous (sub-pixel) and keeps the image's
@@ -65,6 +68,8 @@ from dmlnb.defaults import (
     SSR_NESTED,
     SSR_SIGMA,
     VIEW_FAMILIES,
+    VIEW_FILL,
+    VIEW_FILL_CHOICES,
 )
 
 __all__ = [
@@ -272,7 +277,8 @@ def _rotation_map(t: torch.Tensor, sense: torch.Tensor, height: int, width: int)
 
 
 def _warp(
-    images: torch.Tensor, t: torch.Tensor, direction: Mapping[str, torch.Tensor], fill: float
+    images: torch.Tensor, t: torch.Tensor, direction: Mapping[str, torch.Tensor],
+    fill: float | torch.Tensor,
 ) -> torch.Tensor:
     """Apply the composed geometric families with one bilinear ``grid_sample``."""
     n, _, h, w = images.shape
@@ -303,7 +309,7 @@ def _warp(
     pixels = torch.tensor([w, h], dtype=work, device=images.device)  # 2 / half a pixel
     inside = 1 - ((grid.abs() - 1) * pixels).clamp_(0, 1)  # [N, H, W, 2]
     cover = (inside[..., 0] * inside[..., 1]).unsqueeze(1).to(images.dtype)
-    if fill == 0:
+    if not isinstance(fill, torch.Tensor) and fill == 0:
         return out.mul_(cover)
     return out.sub_(fill).mul_(cover).add_(fill)
 
@@ -355,7 +361,8 @@ def _blur(images: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _apply(
-    images: torch.Tensor, t: torch.Tensor, direction: Mapping[str, torch.Tensor], fill: float
+    images: torch.Tensor, t: torch.Tensor, direction: Mapping[str, torch.Tensor],
+    fill: float | torch.Tensor,
 ) -> torch.Tensor:
     """Apply the families of ``direction`` to ``images [N, C, H, W]`` at strengths ``t [N]``."""
     out = images
@@ -373,6 +380,24 @@ def _apply(
     if bool(keep.any()):
         out = torch.where(keep.reshape(-1, 1, 1, 1), images, out)
     return out
+
+
+def _check_fill(fill: float | str) -> None:
+    if isinstance(fill, str):
+        check_choice("fill", fill, VIEW_FILL_CHOICES)
+    else:
+        check_range("fill", fill, 0.0, 1.0)
+
+
+def _fill_values(images: torch.Tensor, fill: float | str) -> float | torch.Tensor:
+    """``fill`` as a number, or for ``"border"`` the mean of each image's outermost pixel ring
+    per channel, ``[N, C, 1, 1]``."""
+    if not isinstance(fill, str):
+        return float(fill)
+    h, w = images.shape[-2:]
+    ring = torch.cat([images[..., 0, :], images[..., h - 1, :],
+                      images[..., 1:h - 1, 0], images[..., 1:h - 1, w - 1]], dim=-1)
+    return ring.mean(dim=-1)[..., None, None]
 
 
 def _check_images(images: torch.Tensor, name: str, ndim: int) -> None:
@@ -414,7 +439,7 @@ def make_views(
     generator: torch.Generator | int | None = None,
     schedule: Schedule | None = None,
     *,
-    fill: float = 0.0,
+    fill: float | str = VIEW_FILL,
 ) -> torch.Tensor:
     """Make ``levels`` views of increasing strength of every image, batched, on the images' device.
 
@@ -445,8 +470,10 @@ def make_views(
     schedule : callable or sequence, optional
         Replaces the default schedule: ``schedule(n) -> t_n`` for n = 1..levels, or the N strengths.
         Every t_n must lie in [0, 1].
-    fill : float
-        Value of pixels that a perspective or rotation brings in from outside the image (default 0).
+    fill : float or "border"
+        Value of pixels that a perspective or rotation brings in from outside the image: a number
+        in [0, 1], or ``"border"`` (default, ``VIEW_FILL``): per image and channel, the mean of its
+        outermost pixel ring.
 
     Returns
     -------
@@ -458,7 +485,7 @@ def make_views(
     families = _resolve_families(families)
     if not isinstance(nested, bool):
         raise TypeError(f"nested must be a bool, got {type(nested).__name__}")
-    check_range("fill", fill, 0.0, 1.0)
+    _check_fill(fill)
     strengths = _resolve_schedule(levels, sigma, schedule)
     generator = _resolve_generator(generator)
     b, c, h, w = images.shape
@@ -470,7 +497,10 @@ def make_views(
     direction = _on(direction, images.device)
     t = strengths.to(device=images.device, dtype=torch.float32).repeat(b)  # [B * levels]
     flat = images.unsqueeze(1).expand(b, levels, c, h, w).reshape(b * levels, c, h, w)
-    return _apply(flat, t, direction, fill).reshape(b, levels, c, h, w)
+    fills = _fill_values(images, fill)
+    if isinstance(fills, torch.Tensor):
+        fills = fills.unsqueeze(1).expand(b, levels, c, 1, 1).reshape(b * levels, c, 1, 1)
+    return _apply(flat, t, direction, fills).reshape(b, levels, c, h, w)
 
 
 def apply_view(
@@ -480,7 +510,7 @@ def apply_view(
     direction: Mapping[str, torch.Tensor] | None = None,
     *,
     generator: torch.Generator | int | None = None,
-    fill: float = 0.0,
+    fill: float | str = VIEW_FILL,
 ) -> torch.Tensor:
     """One view of one image at a continuous strength: the entry point for sliders.
 
@@ -501,8 +531,9 @@ def apply_view(
         draws one with ``generator``.
     generator : torch.Generator or int, optional
         Used only when ``direction`` is None.
-    fill : float
-        Value brought in from outside the image by perspective and rotation (default 0).
+    fill : float or "border"
+        Value brought in from outside the image by perspective and rotation (default
+        ``"border"``: the mean of the image's outermost pixel ring; see :func:`make_views`).
 
     Returns
     -------
@@ -512,7 +543,7 @@ def apply_view(
     _check_images(image, "image", 3)
     families = _resolve_families(family, "family")
     check_range("strength", strength, 0.0, 1.0)
-    check_range("fill", fill, 0.0, 1.0)
+    _check_fill(fill)
     if direction is None:
         direction = sample_direction(families, generator=generator)
     missing = [f for f in families if f not in direction]
@@ -523,5 +554,6 @@ def apply_view(
         )
     batched = {f: direction[f].unsqueeze(0) for f in families}
     t = torch.full((1,), float(strength), dtype=torch.float32, device=image.device)
-    out = _apply(image.unsqueeze(0), t, _on(batched, image.device), fill)[0]
+    out = _apply(image.unsqueeze(0), t, _on(batched, image.device),
+                 _fill_values(image.unsqueeze(0), fill))[0]
     return out

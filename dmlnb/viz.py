@@ -44,6 +44,8 @@ __all__ = [
     "ablation_chart",
     "curves",
     "embedding_scatter",
+    "SETTING_COLOURS",
+    "setting_colour",
     "format_mean_std",
     "image_data_uri",
     "image_png",
@@ -72,6 +74,22 @@ _QUALITATIVE = (  # plotly's D3 + Set1-like palette; classes beyond cycle
     "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
     "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd",
 )
+
+#: one colour per study setting, in every figure of the package (others: :func:`setting_colour`)
+SETTING_COLOURS = {"untrained": "#7f7f7f", "baseline": "#1f77b4", "ssr": "#d62728"}
+_EXTRA_SETTING_COLOURS = ("#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf",
+                          "#bcbd22", "#393b79")
+
+
+def setting_colour(name: str) -> str:
+    """The colour of a study setting (``baseline``, ``ssr``, ``ssr, ssr_weight=2``, ...): fixed
+    for the three main ones, and for any other one the same in every figure and every session
+    (picked by a stable hash of the name, not by the order of appearance)."""
+    import zlib
+
+    if name in SETTING_COLOURS:
+        return SETTING_COLOURS[name]
+    return _EXTRA_SETTING_COLOURS[zlib.crc32(name.encode()) % len(_EXTRA_SETTING_COLOURS)]
 
 
 # --- images --------------------------------------------------------------------------------------

@@ -289,3 +289,23 @@ def test_bad_shapes():
         loss(torch.zeros(2, 4), torch.zeros(2, 0, 4))
     with pytest.raises(TypeError, match="floating"):
         loss(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 3, 4, dtype=torch.long))
+
+
+def test_uniformity_matches_a_hand_computation_and_bounds():
+    import itertools
+    import math
+
+    from dmlnb.losses import uniformity
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    u = z / z.norm(dim=1, keepdim=True)
+    terms = [math.exp(-2.0 * float(((u[i] - u[j]) ** 2).sum()))
+             for i, j in itertools.combinations(range(6), 2)]
+    assert float(uniformity(z)) == pytest.approx(math.log(sum(terms) / len(terms)), abs=1e-12)
+    same = torch.ones(4, 3)
+    assert float(uniformity(same)) == pytest.approx(0.0, abs=1e-6)  # collapsed: the maximum
+    opposite = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    assert float(uniformity(opposite)) == pytest.approx(-8.0, abs=1e-5)  # ||u-v||^2 = 4
+    with pytest.raises(ValueError, match="at least 2"):
+        uniformity(torch.ones(1, 3))

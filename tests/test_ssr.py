@@ -74,6 +74,31 @@ def test_branch_draws_m_picks_and_n_views_and_weights_the_loss():
     assert torch.allclose(weighted, 0.5 * ref) and torch.allclose(logged["loss_rank"], ref)
     off = SSRBranch.from_config(cfg.replace(ssr=False))
     assert not off.draw(images, torch.Generator(), torch.Generator()).fire
+    assert "ssr_unif" not in logged  # the paper's form: no extension term
+
+
+def test_uniformity_extension_adds_its_term_over_the_batch_originals():
+    from dmlnb.losses import uniformity
+
+    cfg = TrainConfig(ssr_images=3, ssr_levels=4, ssr_weight=0.5, ssr_prob=1.0, ssr_uniformity=0.3)
+    branch = SSRBranch.from_config(cfg)
+    images = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    draw = branch.draw(images, coin=torch.Generator().manual_seed(1),
+                       views=torch.Generator().manual_seed(2))
+    z = torch.nn.functional.normalize(torch.randn(8 + 12, 6, generator=torch.Generator().manual_seed(3)), dim=1)
+    weighted, logged = branch.loss(z, draw, batch=8)
+    rank = RankingLoss()(z[draw.pick], z[8:].reshape(3, 4, 6))
+    unif = uniformity(z[:8])
+    assert torch.allclose(logged["ssr_unif"], unif)
+    assert torch.allclose(weighted, 0.5 * (rank + 0.3 * unif))
+    # its gradient pushes different originals apart: one step lowers their mean cosine
+    u = z[:8].clone().requires_grad_(True)
+    uniformity(u).backward()
+    moved = torch.nn.functional.normalize(u.detach() - 0.5 * u.grad, dim=1)
+    off_diag = ~torch.eye(8, dtype=torch.bool)
+    assert (moved @ moved.T)[off_diag].mean() < (z[:8] @ z[:8].T)[off_diag].mean()
+    with pytest.raises(ValueError, match="ssr_uniformity"):
+        TrainConfig.from_dict({"ssr_uniformity": -1.0})
 
 
 def test_diagnostics_are_logged_and_change_no_training_number(tmp_path):

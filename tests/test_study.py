@@ -85,8 +85,10 @@ def test_intraclass_measures_on_glyphs():
 
     emb = embed(model, test)
     out = measure.intraclass_measures(model, test, emb["embeddings"], emb["labels"], view_images=50)
+    assert set(out) == set(measure.intraclass_keys(test))
     for key in study.INTRACLASS:
-        assert key in out and np.isfinite(out[key]), key
+        if key != "lift_theme":  # an icon attribute
+            assert key in out and np.isfinite(out[key]), key
     assert 0 <= out["view_pair_order_metric"] <= 1 and -1 <= out["lift_family"] <= 1
 
 
@@ -102,7 +104,7 @@ def test_miniature_study_end_to_end(tmp_path):
     paired = pd.read_csv(tmp_path / "paired.csv")
     assert set(paired.metric) >= {"map@r", "view_tau_metric", "lift_family"} and (paired.n == 2).all()
     md = (tmp_path / "results.md").read_text()
-    assert "| glyphs | margin | untrained | 2 |" in md and "SSR minus baseline" in md
+    assert "| glyphs | margin | untrained | 2 |" in md and "SSR setting minus baseline" in md
     assert (tmp_path / "figures" / "study_glyphs.html").exists()
     budget = json.loads((tmp_path / "budget.json").read_text())
     assert budget["sweep_points"] == 4 and budget["total_s"] > 0
@@ -156,7 +158,69 @@ def test_intraclass_measures_learn_the_icon_style_attributes():
     centre = rng.normal(size=(4, 8))[labels] * 5
     style = {f: rng.normal(size=8) for f in "abc"}
     emb = centre + np.stack([style[f] for f in family]) + rng.normal(size=(24, 8)) * 0.01
-    model = EmbeddingNet(backbone="smallcnn", in_channels=3).eval()
+    model = EmbeddingNet(backbone="smallcnn", in_channels=3, embed_dim=8).eval()
     out = measure.intraclass_measures(model, Icons(), emb, labels, view_images=8)
     assert out["lift_family"] == pytest.approx(1.0 - out["chance_family"])
     assert out["lift_theme"] == pytest.approx(0.0) and out["chance_theme"] == 0.0
+
+
+def test_setting_names_follow_the_config_defaults():
+    assert study.setting_name(pd.Series({"ssr": "True", "ssr_weight": 0.8})) == "ssr"  # the default
+    assert study.setting_name(pd.Series({"ssr": True, "ssr_weight": 2.0})) == "ssr, ssr_weight=2"
+    assert study.setting_name(pd.Series({"ssr": True, "rank_beta": 0.85, "ssr_uniformity": float("nan")})) \
+        == "ssr, rank_beta=0.85"
+    assert study.setting_name(pd.Series({"ssr": 1.0, "ssr_uniformity": 1.0})) == "ssr, ssr_uniformity=1"
+    assert study.setting_name(pd.Series({"ssr": False, "ssr_weight": 2.0})) == "baseline"
+
+
+def _search_table(values: dict[str, float]) -> pd.DataFrame:
+    rows = []
+    for loss in ("margin", "multisimilarity"):
+        for name, fields in study.SEARCH_CANDIDATES:
+            rows.append({"dataset": "icons", "loss": loss, "ssr": True, "status": "ok",
+                         "test/map@r": values[name] + (0.01 if loss == "margin" else 0), **fields})
+    return pd.DataFrame(rows)
+
+
+def test_search_chooses_the_best_validation_setting_and_the_paper_wins_ties():
+    names = [n for n, _ in study.SEARCH_CANDIDATES]
+    table = _search_table({n: 0.30 + 0.01 * (i == 2) for i, n in enumerate(names)})
+    out = study.search_results(table)
+    assert len(out) == 2 * len(names)
+    chosen = out[out.chosen]
+    assert list(chosen["candidate"]) == [names[2], names[2]]
+    tie = study.search_results(_search_table({n: 0.3 for n in names}))
+    assert set(tie[tie.chosen]["candidate"]) == {"paper"}
+    # a failed point is never chosen
+    table.loc[(table.loss == "margin") & (table.rank_beta == 0.85), "status"] = "failed"
+    again = study.search_results(table)
+    assert again[again.chosen & (again.loss == "margin")]["candidate"].item() != names[2]
+
+
+def test_search_points_never_touch_the_test_classes():
+    points = expand_grid(study.search_grid())
+    assert len(points) == len(study.PRETRAINED_DATASETS) * 2 * len(study.SEARCH_CANDIDATES)
+    assert {p["test_split"] for p in points} == {"val"}
+    assert all(p["backbone"] == "efficientnet_lite0" and p["pretrained"] for p in points)
+
+
+def test_pretrained_grid_pairs_baseline_and_chosen_and_keeps_the_paper_form():
+    chosen = {("glyphs", "margin"): {}, ("icons", "margin"): {"ssr_weight": 2.0}}
+    points = expand_grid(study.pretrained_grid(chosen, seeds=(0, 1, 2)))
+    names = [(p["dataset"], study.setting_name(pd.Series(p))) for p in points]
+    assert names.count(("glyphs", "baseline")) == 3 and names.count(("glyphs", "ssr")) == 3
+    assert names.count(("icons", "ssr, ssr_weight=2")) == 3 and names.count(("icons", "ssr")) == 3
+    assert len(points) == 3 * 5
+    # the paper's form of a group whose search chose another setting comes after the main pairs
+    assert names.index(("icons", "ssr")) > names.index(("icons", "ssr, ssr_weight=2"))
+    assert all(p.get("test_split", "test") == "test" for p in points)
+
+
+def test_paired_comparison_compares_every_setting_with_the_baseline():
+    table = _table(0.05)
+    extra = table[table.setting == "ssr"].copy()
+    extra["setting"] = "ssr, ssr_weight=2"
+    extra["map@r"] -= 0.1
+    out = study.paired_comparison(pd.concat([table, extra]), ["map@r"])
+    assert list(out["setting"]) == ["ssr", "ssr, ssr_weight=2"]
+    assert out.iloc[1]["diff"] == pytest.approx(out.iloc[0]["diff"] - 0.1)

@@ -233,7 +233,7 @@ def test_perspective_matches_torchvision(strength):
     start, end = _continuous(corners, h, w), _continuous(moved, h, w)
     ref = TF.perspective(img, start, end, fill=[0.0])
     cover = TF.perspective(torch.ones(1, h, w), start, end, fill=[0.0])[0]
-    ours = apply_view(img, "perspective", strength, d)
+    ours = apply_view(img, "perspective", strength, d, fill=0.0)  # torchvision's black
     inside = cover > 1 - 1e-6  # torchvision blends its zero padding near the border
     assert inside.sum() >= 10
     torch.testing.assert_close(ours[:, inside], ref[:, inside], rtol=0, atol=1e-5)
@@ -327,3 +327,32 @@ def test_cuda_matches_cpu_with_cpu_generator():
     cuda_gen = torch.Generator(device="cuda").manual_seed(0)
     again = make_views(x.cuda(), generator=cuda_gen)
     assert again.shape == (8, SSR_LEVELS, 3, 32, 32)
+
+
+def test_border_fill_brings_in_the_background_not_black():
+    """The default fill is the mean of the image's outermost ring: a strong perspective view of a
+    drawing on a grey background stays grey where the warp brings in pixels from outside, so the
+    amount of black does not tell the level."""
+    img = torch.full((3, 24, 24), 0.5)
+    img[:, 8:16, 8:16] = 1.0  # a white square on mid-grey
+    d = sample_direction("perspective", generator=3)
+    strong = apply_view(img, "perspective", 1.0, d)
+    black = apply_view(img, "perspective", 1.0, d, fill=0.0)
+    assert (black < 0.25).float().mean() > 0.02  # the old fill: a black wedge
+    assert strong.min() >= 0.5 - 1e-6  # nothing darker than the background
+    views = make_views(img.unsqueeze(0), levels=4, families="perspective", generator=3)
+    assert views.min() >= 0.5 - 1e-6
+    # the ring mean by hand, per channel
+    rgb = torch.rand(3, 5, 6, generator=torch.Generator().manual_seed(0))
+    ring = torch.cat([rgb[:, 0, :], rgb[:, -1, :], rgb[:, 1:-1, 0], rgb[:, 1:-1, -1]], dim=1)
+    assert ring.shape[1] == 2 * 6 + 2 * 3
+    from dmlnb.views import _fill_values
+    torch.testing.assert_close(_fill_values(rgb.unsqueeze(0), "border")[0, :, 0, 0], ring.mean(1))
+
+
+def test_fill_refuses_unknown_names():
+    img = torch.zeros(1, 8, 8)
+    with pytest.raises(ValueError, match="border"):
+        apply_view(img, "perspective", 0.5, generator=0, fill="edge")
+    with pytest.raises(ValueError, match="fill"):
+        make_views(img.unsqueeze(0), fill=1.5)

@@ -40,6 +40,7 @@ from dmlnb.losses.multisimilarity import MultiSimilarityLoss
 from dmlnb.losses.proxyanchor import ProxyAnchorLoss
 from dmlnb.losses.ranking import RankingLoss, RankingParts, view_similarities
 from dmlnb.losses.triplet import TripletLoss
+from dmlnb.losses.uniformity import uniformity
 
 #: The DML losses by name (a plain dict: add an entry to register a new loss).
 LOSSES: dict[str, type[nn.Module]] = {
@@ -93,5 +94,6 @@ __all__ = [
     "TripletLoss",
     "build_loss",
     "loss_params",
+    "uniformity",
     "view_similarities",
 ]

@@ -6,7 +6,8 @@
   results.
 - :func:`kmeans`, :func:`pair_f1`, :func:`cluster_scores`: the clustering metrics.
 - :func:`view_ranking_consistency`, :func:`attribute_retrieval`, :func:`nearest_same_class`,
-  :func:`intraclass_spread`: measurements of intra-class structure (what SSR is meant to keep).
+  :func:`intraclass_spread`, :func:`density_ratio`, :func:`spectral_decay`,
+  :func:`original_retrieval`: measurements of intra-class structure (what SSR is meant to keep).
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ from dmlnb.metrics.clustering import cluster_scores, kmeans, pair_f1
 from dmlnb.metrics.evaluation import class_means, evaluate, per_class_scores
 from dmlnb.metrics.intraclass import (
     attribute_retrieval,
+    density_ratio,
     intraclass_spread,
     nearest_same_class,
+    original_retrieval,
+    spectral_decay,
     view_ranking_consistency,
 )
 from dmlnb.metrics.neighbors import knn
@@ -26,13 +30,16 @@ __all__ = [
     "attribute_retrieval",
     "class_means",
     "cluster_scores",
+    "density_ratio",
     "evaluate",
     "intraclass_spread",
     "kmeans",
     "knn",
     "nearest_same_class",
+    "original_retrieval",
     "pair_f1",
     "per_class_scores",
     "retrieval_scores",
+    "spectral_decay",
     "view_ranking_consistency",
 ]

@@ -8,6 +8,18 @@ functions measure the effect directly:
 - :func:`attribute_retrieval` (with :func:`nearest_same_class`): within a class, is the nearest
   same-class neighbour one with the same attribute (e.g. typeface family, weight, italic)?
 - :func:`intraclass_spread`: mean within-class distance relative to mean between-class distance.
+- :func:`density_ratio`: mean within-class distance relative to the mean distance between class
+  means (a pair-weighted, Euclidean relative of pi_ratio of Roth et al. 2020).
+- :func:`spectral_decay`: rho of Roth et al. 2020, how far the embeddings' singular-value spectrum
+  is from flat (low: many directions used).
+- :func:`original_retrieval`: per view strength, how often a view's nearest gallery item is its
+  own original.
+
+References
+----------
+Roth, Milbich, Sinha, Gupta, Ommer, Cohen, "Revisiting Training Strategies and Generalization
+Performance in Deep Metric Learning", ICML 2020 (code:
+github.com/Confusezius/Revisiting_Deep_Metric_Learning_PyTorch).
 """
 
 from __future__ import annotations
@@ -20,7 +32,7 @@ import torch
 
 from dmlnb._validate import check_positive_int
 from dmlnb.metrics._inputs import as_embeddings, as_labels, l2_normalize
-from dmlnb.metrics.neighbors import auto_chunk_size, iter_knn
+from dmlnb.metrics.neighbors import auto_chunk_size, iter_knn, knn
 
 
 def view_ranking_consistency(similarities: Any) -> dict[str, Any]:
@@ -226,3 +238,151 @@ def intraclass_spread(
         "within_pairs": int(n_within),
         "between_pairs": int(n_between),
     }
+
+
+def spectral_decay(embeddings: Any, *, skip: int = 1, normalize: bool = True) -> float:
+    r"""Spectral decay rho (Roth et al., ICML 2020): KL divergence of the normalised singular-value
+    spectrum from the uniform distribution.
+
+    With s_1 >= s_2 >= ... >= s_m the singular values of the embedding matrix X [n, d]
+    (L2-normalised rows by default, *not* centred; m = min(n, d)), the ``skip`` largest left out
+    and the rest normalised to sum 1,
+
+        p_i = s_i / sum_{j > skip} s_j  (i = skip+1 .. m),   u_i = 1 / (m - skip),
+
+        rho = KL(u || p) = sum_i u_i log(u_i / p_i) = -log(m - skip) - mean_i log p_i   (nats).
+
+    rho = 0 for a flat spectrum (all directions used alike) and grows as the spectrum decays
+    (the embedding concentrates in few directions). This follows the authors' code,
+    ``metrics/rho_spectrum.py`` of Revisiting_Deep_Metric_Learning_PyTorch: metric
+    ``rho_spectrum@k`` drops the k-1 largest singular values (``s[k-1:]``) and for k > 0 computes
+    ``scipy.stats.entropy(uniform, s_norm)``, i.e. KL(U || S) in this direction (k = -1 is the
+    reverse KL(S || U)). The rho(Phi) of the paper's figures (``Result_Evaluations.py``, "Rho3")
+    is ``rho_spectrum@2``: the first singular value skipped, hence the default ``skip=1``. Their
+    features are the L2-normalised embeddings (``*_normalize`` architectures), whose singular
+    values come from ``torch.svd`` of the uncentred matrix, as here.
+
+    One difference: a singular value at or below the numerical-rank tolerance
+    ``s_1 * max(n, d) * eps`` (``numpy.linalg.matrix_rank``'s default, eps of the input's float
+    type) is taken to be exactly 0, so a rank-deficient embedding (rank <= m - 1 after the skip)
+    gets rho = inf, as KL(u || p) is infinite where p has zeros. (The authors' code would divide
+    rounding noise by rounding noise there, a finite but meaningless value.)
+
+    Parameters
+    ----------
+    embeddings : [n, dim]; skip : largest singular values left out (default 1, the paper's);
+    normalize : L2-normalise the rows first (default True).
+    """
+    if not isinstance(skip, (int, np.integer)) or isinstance(skip, bool) or skip < 0:
+        raise ValueError(f"skip must be a non-negative int, got {skip!r}")
+    x = as_embeddings("embeddings", embeddings)
+    if normalize:
+        x = l2_normalize(x)
+    eps = float(torch.finfo(x.dtype).eps)
+    n, d = x.shape
+    s = torch.linalg.svdvals(x.to(torch.float64)).cpu().numpy()  # descending, min(n, d) values
+    if s.shape[0] - skip < 2:
+        raise ValueError(f"spectral_decay needs at least {skip + 2} singular values "
+                         f"(min(n, dim) = {s.shape[0]}, skip = {skip})")
+    tol = s[0] * max(n, d) * eps
+    rest = s[skip:]
+    if s[0] <= 0 or np.any(rest <= tol):
+        return float("inf")
+    p = rest / rest.sum()
+    return float(-np.log(rest.shape[0]) - np.mean(np.log(p)))
+
+
+def density_ratio(embeddings: Any, labels: Any, *, chunk_size: int | None = None) -> float:
+    r"""Mean within-class distance over the mean distance between class means.
+
+    On L2-normalised embeddings x_i (d_ij = ||x_i - x_j|| = sqrt(2 - 2 cos)), with class means
+    mu_c = (1 / n_c) sum_{i in c} x_i (means of the normalised embeddings, not re-normalised):
+
+        within  = mean of d_ij over all unordered pairs i != j with y_i = y_j
+                  (pair-weighted: a class of n_c items gives n_c (n_c - 1) / 2 pairs; a class
+                  with one member gives none),
+        between = mean of ||mu_c - mu_c'|| over all unordered pairs of distinct classes c != c',
+        ratio   = within / between.
+
+    Small: tight classes far apart (dense classes); SSR is meant to keep it from collapsing.
+    NaN when there is no within-class pair, fewer than two classes, or between = 0. ``within`` is
+    :func:`intraclass_spread`'s (same float32 precision notes); ``between`` is computed in
+    float64.
+
+    Relation to pi_ratio of Roth et al. (ICML 2020; ``metrics/dists.py``,
+    ``dists@intra_over_inter``): theirs uses the cosine distance 1 - cos, averages the
+    within-class distances per class and then over classes (class-weighted; a singleton class
+    gets the largest class value), and measures the cosine distance between *re-normalised*
+    class means. Same idea (intra-class spread over inter-class separation); the numbers differ.
+    Unlike :func:`intraclass_spread`'s ``ratio``, the denominator compares class means, not all
+    between-class item pairs.
+    """
+    x = as_embeddings("embeddings", embeddings)
+    y = as_labels("labels", labels, x.shape[0], device=x.device)
+    within = intraclass_spread(x, y, normalize=True, chunk_size=chunk_size)["within"]
+    xn = l2_normalize(x).to(torch.float64)
+    classes, inv = torch.unique(y, return_inverse=True)
+    k = classes.shape[0]
+    if k < 2 or not np.isfinite(within):
+        return float("nan")
+    sums = torch.zeros(k, xn.shape[1], dtype=torch.float64, device=x.device)
+    sums.index_add_(0, inv, xn)
+    counts = torch.bincount(inv, minlength=k).to(torch.float64)
+    mu = sums / counts[:, None]
+    block = chunk_size or auto_chunk_size(k, 8)
+    sq = (mu * mu).sum(dim=1)
+    total = 0.0
+    for start in range(0, k, block):
+        stop = min(k, start + block)
+        d2 = sq[start:stop, None] + sq[None, :] - 2.0 * (mu[start:stop] @ mu.t())
+        d = d2.clamp_(min=0).sqrt_()
+        rows = torch.arange(stop - start, device=x.device)
+        d[rows, rows + start] = 0.0
+        total += float(d.sum())
+    between = total / (k * (k - 1))  # ordered pairs: each unordered pair twice
+    return within / between if between > 0 else float("nan")
+
+
+def original_retrieval(
+    views: Any,
+    gallery: Any,
+    own: Any,
+    *,
+    normalize: bool = True,
+    chunk_size: int | None = None,
+) -> np.ndarray:
+    r"""Per view strength, the fraction of views whose nearest gallery item is their own original.
+
+    For image b with views v_{b,1..N} (weakest first) and its original at gallery index o_b,
+
+        hit[n] = (1 / B) sum_b 1[ argmax_j cos(z(v_{b,n}), g_j) = o_b ],
+
+    the nearest item by cosine similarity (raw dot product with ``normalize=False``) among *all*
+    gallery items (the original included: recall@1 of the original); on equal similarity the
+    lower gallery index wins, as everywhere in :mod:`dmlnb.metrics` (:func:`knn`, which runs the
+    search).
+
+    Parameters
+    ----------
+    views : [B, N, dim] embeddings of the N views of B images.
+    gallery : [n, dim] embeddings searched (e.g. a whole test split, in dataset order).
+    own : int [B], gallery index of each image's original.
+
+    Returns
+    -------
+    float array [N]: hit[n-1] for n = 1..N.
+    """
+    v = views.detach() if isinstance(views, torch.Tensor) else torch.as_tensor(np.asarray(views))
+    if v.ndim != 3 or 0 in v.shape:
+        raise ValueError(f"views must be 3-D [B, N, dim] and non-empty, got {tuple(v.shape)}")
+    b, levels, dim = v.shape
+    g = as_embeddings("gallery", gallery)
+    if g.shape[1] != dim:
+        raise ValueError(f"views have dim {dim}, gallery {g.shape[1]}")
+    o = as_labels("own", own, b).cpu().numpy()
+    if o.min() < 0 or o.max() >= g.shape[0]:
+        raise ValueError(f"own must index the gallery's {g.shape[0]} items")
+    q = as_embeddings("views", v.reshape(b * levels, dim), device=g.device)
+    _, idx = knn(q, g, 1, exclude_self=False, normalize=normalize, chunk_size=chunk_size)
+    hit = idx[:, 0].cpu().numpy().reshape(b, levels) == o[:, None]
+    return hit.mean(axis=0)
