@@ -202,6 +202,23 @@ def changed_settings(config: Any) -> Any:
     return pd.DataFrame(rows, columns=["setting", "value", "default"]).set_index("setting")
 
 
+def training_history(steps: Any) -> Any:
+    """The step records of a run (``run.metrics("step")``) as a table, with ``ssr_rate_run``: the
+    fraction of the logged steps so far *in the run* on which the SSR branch ran (the records'
+    own ``ssr_rate`` counts from the start of the epoch, so it restarts at 0 or 1 every epoch).
+    It settles near ``ssr_prob`` (p) as the steps accumulate.
+
+    .. math:: \hat p_t = \frac{1}{t} \sum_{i \le t} \mathbb{1}[\text{branch ran at step } i]
+    """
+    import pandas as pd
+
+    df = steps.copy() if isinstance(steps, pd.DataFrame) else pd.DataFrame(list(steps))
+    if "ssr" in df.columns and len(df):
+        flags = pd.to_numeric(df["ssr"], errors="coerce").fillna(0)
+        df["ssr_rate_run"] = flags.expanding().mean()
+    return df
+
+
 def _booleans_from_text(given: dict[str, Any]) -> dict[str, Any]:
     """``-p ssr false`` reaches the notebook as the string ``"false"`` (papermill turns only
     ``True``/``False`` into booleans): read true/false/yes/no/1/0 as booleans for the

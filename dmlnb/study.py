@@ -441,7 +441,7 @@ def run_pretrained_study(
     Both sweeps reuse finished points, so an interrupted study continues where it stopped.
     ``analyze_only`` trains nothing and reports what is finished.
     """
-    from dmlnb.sweep import collect, run_sweep
+    from dmlnb.sweep import run_sweep
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -450,28 +450,44 @@ def run_pretrained_study(
     t0 = time.perf_counter()
     sweep = dict(jobs=jobs, cell_timeout=cell_timeout, notebook_timeout=notebook_timeout,
                  progress=progress)
-    sgrid = search_grid(datasets, losses, candidates, quick=quick)
-    stable = (collect(out / "search") if analyze_only and (out / "search").is_dir()
-              else run_sweep(notebook, sgrid, out / "search", **sweep))
+    # one loss at a time, its search and then its grid: a study stopped half-way holds whole
+    # answers (the first loss on every data set), and a re-run continues where it stopped
+    for loss in losses:
+        if not analyze_only:
+            run_sweep(notebook, search_grid(datasets, [loss], candidates, quick=quick), out / "search",
+                      **sweep)
+        search = search_results(_collected(out / "search"), candidates)
+        chosen = {key: fields for key, fields in chosen_settings(search, candidates).items()
+                  if key[1] == loss}
+        if not analyze_only and chosen:
+            run_sweep(notebook, pretrained_grid(chosen, seeds, quick=quick), out / "runs", **sweep)
+    stable = _collected(out / "search")
     search = search_results(stable, candidates)
     search.to_csv(out / "search.csv", index=False)
     budget["search_points"] = int(len(stable))
     budget["search_point_s_sum"] = round(float(pd.to_numeric(stable.get("seconds"), errors="coerce").sum()), 1)
-    fields = dict(candidates)
-    chosen = {}
-    for (dataset, loss), group in search.groupby(["dataset", "loss"], sort=False):
-        pick = group[group.chosen]
-        if len(pick):
-            chosen[(dataset, loss)] = fields[pick.iloc[0]["candidate"]]
-    grid = pretrained_grid(chosen, seeds, quick=quick)
-    table = (collect(out / "runs") if analyze_only and (out / "runs").is_dir()
-             else run_sweep(notebook, grid, out / "runs", **sweep) if grid else pd.DataFrame())
+    table = _collected(out / "runs")
     budget["sweep_s"] = round(time.perf_counter() - t0, 1)
     budget["sweep_points"] = int(len(table))
     budget["sweep_point_s_sum"] = round(float(pd.to_numeric(table.get("seconds"), errors="coerce").sum()), 1)
     result = analyze(out, table, budget, quick=quick, preamble=render_search(search, budget))
     result["search"] = search
     return result
+
+
+def chosen_settings(search: pd.DataFrame, candidates: Sequence[tuple[str, dict[str, Any]]] = SEARCH_CANDIDATES
+                    ) -> dict[tuple[str, str], dict[str, Any]]:
+    """``{(dataset, loss): fields}`` of the candidates :func:`search_results` marked chosen."""
+    fields = dict(candidates)
+    if search.empty:
+        return {}
+    return {(r["dataset"], r["loss"]): fields[r["candidate"]] for _, r in search[search.chosen].iterrows()}
+
+
+def _collected(sweep_dir: Path) -> pd.DataFrame:
+    from dmlnb.sweep import collect
+
+    return collect(sweep_dir) if sweep_dir.is_dir() else pd.DataFrame()
 
 
 def _code_version() -> str:
