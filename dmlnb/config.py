@@ -162,7 +162,7 @@ class TrainConfig:
     eval_ks: tuple = D.RECALL_KS
     eval_test_each_epoch: bool = False
     eval_checkpoint: str = "best"
-    eval_batch_size: int = 500
+    eval_batch_size: int = D.EVAL_BATCH_SIZE
     # --- execution ---
     seed: int = 0
     device: str = "auto"

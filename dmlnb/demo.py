@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from dmlnb.data import load_dataset
-from dmlnb.gallery import glyph_gallery, save_png
+from dmlnb.gallery import write_glyph_gallery
 
 UMAP_PER_CLASS = 40  # test images per class drawn in the UMAP maps (8 classes)
 UMAP_CLASSES = 8
@@ -50,8 +50,8 @@ def run_demo(out: str | Path = "figures/demo", seed: int = 0, quick: bool = Fals
     report: dict[str, Any] = {"seed": seed, "quick": quick, "seconds": {}}
 
     test = load_dataset("glyphs", "test")
-    grid, captions = glyph_gallery(test, "".join(test.classes[:8]), fonts_per_style=3, seed=seed)
-    save_png(grid, out / "glyph_gallery.png", scale=2)
+    _, captions = write_glyph_gallery(out / "glyph_gallery.png", test, "".join(test.classes[:8]),
+                                      fonts_per_style=3, seed=seed)
     report["gallery_columns"] = captions
     print(f"demo: glyphs, {len(test.classes)} test characters, {len(test)} test images; gallery written")
 

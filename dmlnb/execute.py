@@ -14,6 +14,10 @@ the sweep) call. Around ``papermill.execute_notebook`` it adds
   can swallow the socket's edge-triggered wake-up, and the reply then sits unread in the socket
   while papermill waits forever (the "idle kernel, papermill stuck at the last cell" hang). A
   re-poll delivers such a reply at once.
+- **quiet**: the kernel process's own log (IPKernelApp warnings, "KeyboardInterrupt caught in
+  kernel" when it shuts down) goes to ``<output>.kernel.log`` (kept only if not empty; nowhere
+  when there is no output file), not to this process's stderr, which inside a notebook would show
+  up in the calling cell's output. The cells' own output stays in the notebook.
 - **no port races**: each kernel talks over IPC sockets in its own temporary directory instead of
   TCP ports picked by "bind to port 0, close, hope nobody else takes it", so kernels started at the
   same moment (parallel sweep points, concurrent test runs) cannot collide. A kernel that still
@@ -133,7 +137,9 @@ def _remove_orphaned_ipc_dirs() -> None:
 class _Execution:
     """State of one papermill execution, shared by its thread, nbclient's hooks and the guard."""
 
-    def __init__(self, use_ipc: bool) -> None:
+    def __init__(self, use_ipc: bool, kernel_log: Path | None = None) -> None:
+        self.kernel_log = kernel_log  # the kernel process's own stderr goes here
+        self.kernel_log_handle: Any = None
         self.km: Any = None
         self.kc: Any = None
         self.cell_index: int | None = None
@@ -221,11 +227,22 @@ class _Execution:
                     self.transport = "ipc"
                     self.ip = os.path.join(execution.ipc_dir, "kernel")
                 execution.km = self
+                # headless: figures keep a PNG fallback (dmlnb.viz.static_figures); caller's value wins
+                getattr(self.kernel_spec, "env", {}).setdefault("DMLNB_STATIC_FIGURES", os.environ.get("DMLNB_STATIC_FIGURES", "1"))
 
             def client(self, **kwargs: Any):
                 kc = super().client(**kwargs)
                 execution.kc = kc
                 return kc
+
+            async def start_kernel(self, **kw: Any) -> None:
+                # the kernel application's own log ("running over TCP without encryption",
+                # "KeyboardInterrupt caught in kernel" at shutdown) is not the notebook's output:
+                # it goes to a file, not to the stderr this process shares with its caller
+                # (inside a notebook, that stderr lands in the calling cell's output)
+                if "stderr" not in kw:
+                    kw["stderr"] = execution.open_kernel_log()
+                await super().start_kernel(**kw)
 
             async def shutdown_kernel(self, now: bool = False, restart: bool = False) -> None:
                 if execution.cell_running:  # stopped mid-cell (a timeout): nothing left to save
@@ -250,7 +267,22 @@ class _Execution:
         if not loop.is_running():
             loop.close()
 
+    def open_kernel_log(self) -> Any:
+        if self.kernel_log_handle is None:
+            if self.kernel_log is None:
+                self.kernel_log_handle = open(os.devnull, "wb")  # noqa: SIM115 - closed in cleanup
+            else:
+                self.kernel_log.parent.mkdir(parents=True, exist_ok=True)
+                self.kernel_log_handle = open(self.kernel_log, "ab")  # noqa: SIM115
+        return self.kernel_log_handle
+
     def cleanup(self) -> None:
+        if self.kernel_log_handle is not None:
+            self.kernel_log_handle.close()
+            self.kernel_log_handle = None
+            log = self.kernel_log
+            if log is not None and log.is_file() and log.stat().st_size == 0:
+                log.unlink()
         if self.ipc_dir:
             shutil.rmtree(self.ipc_dir, ignore_errors=True)
 
@@ -312,7 +344,8 @@ def run_notebook(
     attempt = 0
     while True:
         # a kernel that failed to start on IPC sockets is tried again on TCP
-        execution = _Execution(use_ipc=ipc and attempt == 0)
+        execution = _Execution(use_ipc=ipc and attempt == 0,
+                               kernel_log=None if out is None else Path(out).with_suffix(".kernel.log"))
         try:
             return _run_once(execution, notebook, out, dict(parameters or {}), kernel_name,
                              kernel_cwd, cell_s, total_s, deadline, start_timeout, progress_bar,

@@ -4,8 +4,11 @@ Each notebook runs headless under papermill on the embedded glyph data, with ``f
 ``DIR``; every figure it saves (:func:`dmlnb.notebook.save_figure`) lands there as a
 self-contained interactive HTML file (plotly.js embedded, hover images included) and as plotly
 JSON, which this driver then turns into PNG in one headless-browser session
-(:func:`dmlnb.viz.write_pngs`). The executed notebooks are kept in ``DIR/notebooks`` and the runs
-they trained in ``DIR/runs``; ``DIR/figures.json`` lists what was written.
+(:func:`dmlnb.viz.write_pngs`). The executed notebooks are kept in ``DIR/notebooks``, each also as
+one static HTML page next to it (``DIR/notebooks/<notebook>.html``, :func:`export_html`: readable
+without Jupyter, its figures shown as the PNGs the headless kernel stored with them, see
+:func:`dmlnb.viz.figure_bundle`), and the runs they trained in ``DIR/runs``; ``DIR/figures.json``
+lists what was written.
 
 With the training notebook, two runs are trained with the same settings: ``runs/train-ssr``
 (its figures are the README's) and ``runs/train-baseline`` (SSR off; figures in ``DIR/baseline``);
@@ -29,7 +32,7 @@ from typing import Any
 from dmlnb._validate import check_choice
 from dmlnb.execute import add_timeout_flags, run_notebook
 
-__all__ = ["NOTEBOOKS", "add_parser", "export_pngs", "make_figures", "notebooks_dir"]
+__all__ = ["NOTEBOOKS", "add_parser", "export_html", "export_pngs", "make_figures", "notebooks_dir"]
 
 #: name -> notebook file, in the order they run (the training notebook first: 01 reads its run).
 NOTEBOOKS: dict[str, str] = {
@@ -94,12 +97,29 @@ def export_pngs(folder: str | os.PathLike, names: Sequence[str] | None = None,
     return write_pngs(items, scale=scale) if items else []
 
 
+def export_html(notebook: str | os.PathLike, target: str | os.PathLike | None = None) -> Path:
+    """Write the executed ``notebook`` as one self-contained static HTML page (nbconvert's HTML
+    exporter; default ``target``: next to it, ``.html``). Figures show as the ``image/png`` stored
+    with them (static renderers do not draw plotly's JupyterLab mimetype), progress bars as their
+    final lines. Returns the path."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    notebook = Path(notebook)
+    target = notebook.with_suffix(".html") if target is None else Path(target)
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(notebook, as_version=4))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(body, encoding="utf-8")
+    return target
+
+
 def make_figures(
     out: str | os.PathLike = "figures",
     notebooks: Sequence[str] = ("train", "views", "intraclass", "ablations"),
     *,
     quick: bool = False,
     png: bool = True,
+    html: bool = True,
     kernel_name: str = DEFAULT_KERNEL,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     cell_timeout: float | None = None,
@@ -120,6 +140,8 @@ def make_figures(
         to publish.
     png : bool
         Also write PNGs (needs kaleido or Playwright with a Chromium, see :func:`dmlnb.viz.write_pngs`).
+    html : bool
+        Also write each executed notebook as static HTML next to it (:func:`export_html`).
     overrides : {notebook: {parameter: value}}, optional
         Extra papermill parameters per notebook.
     cell_timeout, notebook_timeout : float, optional
@@ -130,7 +152,8 @@ def make_figures(
     Returns
     -------
     dict
-        ``{"figures": [names], "seconds": {notebook: s}, "notebooks": {notebook: path}}``, also
+        ``{"figures": [names], "seconds": {notebook: s}, "notebooks": {notebook: path},
+        "html": {notebook: path}}``, also
         written to ``OUT/figures.json``. A notebook that fails raises (papermill's error, naming
         the cell; or the timeout's); the executed notebook is kept for inspection.
     """
@@ -141,6 +164,7 @@ def make_figures(
     src = notebooks_dir()
     seconds: dict[str, float] = {}
     executed: dict[str, str] = {}
+    pages: dict[str, str] = {}
     jobs: list[tuple[str, str, dict[str, Any], Path]] = []
     for name in notebooks:
         if name == "train":  # the baseline of the pair (same settings, ssr off; its figures aside)
@@ -167,6 +191,8 @@ def make_figures(
                      cell_timeout=cell_timeout, notebook_timeout=notebook_timeout)
         seconds[name] = round(time.perf_counter() - start, 1)
         executed[name] = str(target)
+        if html:
+            pages[name] = str(export_html(target))
         if progress:
             print(f"figures: {file} ({name}) done in {seconds[name]:.0f} s", flush=True)
     index = out / "index.json"
@@ -175,7 +201,7 @@ def make_figures(
         start = time.perf_counter()
         export_pngs(out, names)
         seconds["png"] = round(time.perf_counter() - start, 1)
-    report = {"figures": names, "seconds": seconds, "notebooks": executed}
+    report = {"figures": names, "seconds": seconds, "notebooks": executed, "html": pages}
     (out / "figures.json").write_text(json.dumps(report, indent=2))
     if progress:
         print(f"figures: {len(names)} figures in {out} ({sum(seconds.values()):.0f} s)", flush=True)
@@ -197,6 +223,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="leave out the ablation grid (the slowest part)")
     p.add_argument("--quick", action="store_true", help="tiny settings: a smoke test of the pipeline")
     p.add_argument("--no-png", action="store_true", help="HTML (and plotly JSON) only")
+    p.add_argument("--no-html", action="store_true",
+                   help="no static HTML page of each executed notebook (notebooks/<name>.html)")
     p.add_argument("--kernel", default=DEFAULT_KERNEL, help=f"Jupyter kernel (default {DEFAULT_KERNEL})")
     add_timeout_flags(p)
     p.set_defaults(func=_main)
@@ -207,7 +235,8 @@ def _main(args: argparse.Namespace) -> int:
     names = list(args.only or NOTEBOOKS)
     if args.skip_ablations and "ablations" in names:
         names.remove("ablations")
-    make_figures(args.out, names, quick=args.quick, png=not args.no_png, kernel_name=args.kernel,
-                 cell_timeout=args.cell_timeout, notebook_timeout=args.notebook_timeout)
+    make_figures(args.out, names, quick=args.quick, png=not args.no_png, html=not args.no_html,
+                 kernel_name=args.kernel, cell_timeout=args.cell_timeout,
+                 notebook_timeout=args.notebook_timeout)
     return 0
 

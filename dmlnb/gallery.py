@@ -42,6 +42,23 @@ def glyph_gallery(dataset, chars: str, fonts_per_style: int = 2, seed: int = 0) 
     return mosaic(rows, background=96), captions
 
 
+def glyph_column_label(caption: str, width: int = 9) -> str:
+    """A short column label for :func:`glyph_gallery`'s caption ``family (category)``: the
+    family's first word, cut to ``width`` characters (the columns come grouped by category)."""
+    family, _, _category = caption.rpartition(" (")
+    return (family or caption).split()[0][:width]
+
+
+def write_glyph_gallery(path: str | Path, dataset, chars: str, fonts_per_style: int = 2,
+                        seed: int = 0, scale: int = 3) -> tuple[Path, list[str]]:
+    """Write :func:`glyph_gallery` as a labelled PNG: rows by character, columns by typeface
+    (:func:`glyph_column_label`). Returns the path and the full column captions."""
+    grid, captions = glyph_gallery(dataset, chars, fonts_per_style=fonts_per_style, seed=seed)
+    labelled = label_mosaic(grid, len(chars), len(captions), list(chars),
+                            [glyph_column_label(c) for c in captions], scale=scale, font_size=11)
+    return save_png(labelled, path), captions
+
+
 def save_png(array: np.ndarray, path: str | Path, scale: int = 1) -> Path:
     """Save a uint8 image array as PNG (nearest-neighbour upscaled by ``scale``), atomically."""
     from dmlnb.runs import write_bytes

@@ -92,8 +92,11 @@ KNOBS: dict[str, dict[str, Knob]] = {
         "sigma": Knob(0.2, "schedule t_n = tanh(sigma n) (REPRO: 0.2)", _number(0.0)),
         "families": Knob(("crop", "perspective", "color"), "families in the gallery", _families),
         "run_dir": Knob(None, "a finished run whose model the explorer reads out", _optional(_path)),
-        "quick_train_steps": Knob(0, "no run_dir: train a tiny model this many steps (0: no model)",
+        "quick_train_steps": Knob(0, "no run_dir: train a tiny SSR model this many steps (0: use model)",
                                   _int(0)),
+        "model": Knob("shipped", "no run_dir, no quick training: 'shipped' (the shipped SSR run), "
+                      "'pretrained' (EfficientNet-Lite0, trained on first use, then cached) or "
+                      "'none' (pixels only)", _choice("shipped", "pretrained", "none")),
         "seed": Knob(0, "seed of the image picks and view directions", _int(0)),
         "figures_dir": _FIGURES,
     },
@@ -113,9 +116,12 @@ KNOBS: dict[str, dict[str, Knob]] = {
         "figures_dir": _FIGURES,
     },
     "intraclass": {
-        "baseline_run": Knob(None, "finished baseline run (None: train one, briefly)", _optional(_path)),
-        "ssr_run": Knob(None, "finished SSR run (None: train one, briefly)", _optional(_path)),
-        "train_steps": Knob(120, "steps of the brief runs trained when a run is not given", _int()),
+        "baseline_run": Knob(None, "finished baseline run (None: the shipped one, or a brief one "
+                             "with train_steps > 0)", _optional(_path)),
+        "ssr_run": Knob(None, "finished SSR run (None: the shipped one, or a brief one with "
+                        "train_steps > 0)", _optional(_path)),
+        "train_steps": Knob(0, "runs not given: 0 uses the shipped pair, N > 0 trains brief runs "
+                            "of N steps", _int(0)),
         "runs_root": Knob("runs", "where the brief runs are written", _path),
         "projection": Knob("umap", "2-d map of the embeddings: 'umap' or 'pca' (fast)", _projection),
         "max_points": Knob(1500, "test images drawn in the maps (a random subset)", _int(10)),
@@ -203,7 +209,7 @@ def changed_settings(config: Any) -> Any:
 
 
 def training_history(steps: Any) -> Any:
-    """The step records of a run (``run.metrics("step")``) as a table, with ``ssr_rate_run``: the
+    r"""The step records of a run (``run.metrics("step")``) as a table, with ``ssr_rate_run``: the
     fraction of the logged steps so far *in the run* on which the SSR branch ran (the records'
     own ``ssr_rate`` counts from the start of the epoch, so it restarts at 0 or 1 every epoch).
     It settles near ``ssr_prob`` (p) as the steps accumulate.
@@ -379,25 +385,89 @@ def brief_run(
     return Path(fit_or_reuse(dict(settings, run_dir=str(path))).run_dir)
 
 
+# --- runs shipped with the notebooks, and the pretrained one built on first use ----------------
+#: ``notebooks/`` of this checkout: the shipped runs are in ``trained/``, runs built on first use
+#: are cached in ``runs/`` (ignored by git)
+NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+#: the small baseline and SSR runs shipped in ``notebooks/trained`` (``make trained-runs`` rebuilds
+#: them: ``dmlnb train`` with the package defaults, seed 0, ``--ssr`` / ``--no-ssr``, then
+#: :func:`dmlnb.runs.export_run`)
+SHIPPED_RUNS = {"baseline": "glyphs-baseline", "ssr": "glyphs-ssr"}
+#: what the views explorer reads out when no run is given (``model`` of the views notebook)
+EXPLORER_MODELS = ("shipped", "pretrained", "none")
+PRETRAINED_PRESET = "cpu-glyphs-lite0"
+PRETRAINED_STEPS = 40  # one epoch of the preset's batches: a few minutes on one CPU thread
+
+
+def shipped_run(kind: str = "ssr") -> Path:
+    """The shipped run ``"baseline"`` or ``"ssr"`` (``notebooks/trained/glyphs-<kind>``: small
+    CNN on the embedded glyphs, the package defaults, seed 0, same settings but ``ssr``)."""
+    from dmlnb.runs import is_run
+
+    check_choice("kind", kind, tuple(SHIPPED_RUNS))
+    path = NOTEBOOKS_DIR / "trained" / SHIPPED_RUNS[kind]
+    if not is_run(path):
+        raise FileNotFoundError(f"the shipped {kind} run {str(path)!r} is missing; rebuild it "
+                                f"with `make trained-runs`")
+    return path
+
+
+def pretrained_run(steps: int = PRETRAINED_STEPS, seed: int = 0,
+                   runs_root: str | os.PathLike | None = None, **overrides: Any) -> Path:
+    """An SSR run of the pretrained preset ``cpu-glyphs-lite0`` (ImageNet EfficientNet-Lite0,
+    64 px) trained ``steps`` steps (one epoch) on first use and cached in
+    ``RUNS_ROOT/pretrained/glyphs-lite0-ssr-steps<N>-seed<S>`` (default ``RUNS_ROOT``:
+    ``notebooks/runs``); a finished run there is reused at once, an interrupted one resumed
+    (:func:`dmlnb.train.fit_or_reuse`, as :func:`brief_run`)."""
+    from dmlnb.config import PRESETS
+    from dmlnb.train import fit_or_reuse
+
+    check_positive_int("steps", steps)
+    root = Path(runs_root) if runs_root is not None else NOTEBOOKS_DIR / "runs"
+    path = root / "pretrained" / f"glyphs-lite0-ssr-steps{steps}-seed{seed}"
+    settings = dict(PRESETS[PRETRAINED_PRESET], ssr=True, seed=seed, epochs=1,
+                    steps_per_epoch=steps, quiet=True, **overrides)
+    return Path(fit_or_reuse(dict(settings, run_dir=str(path))).run_dir)
+
+
+def _test_map(run_dir: Path) -> str:
+    from dmlnb.runs import load_run
+
+    value = load_run(run_dir).test_metrics.get("map@r")
+    return "" if value is None else f", test MAP@R {value:.3f}"
+
+
 def explorer_model(
     run_dir: str | os.PathLike | None, quick_train_steps: int = 0, seed: int = 0,
-    runs_root: str | os.PathLike = "../runs",
+    runs_root: str | os.PathLike = "../runs", model: str = "shipped",
 ) -> tuple[Any, str]:
     """The model the views explorer reads out, and a note saying where it comes from.
 
     ``run_dir`` given: that run's selected checkpoint. Else ``quick_train_steps > 0``: a tiny SSR
-    run on glyphs (:func:`brief_run`, reused when it exists). Else ``(None, note)``: the explorer
-    shows pixels only.
+    run on glyphs (:func:`brief_run`, reused when it exists). Else ``model``: ``"shipped"`` (the
+    default) the shipped SSR run (:func:`shipped_run`, no training); ``"pretrained"`` the
+    EfficientNet-Lite0 SSR run of :func:`pretrained_run` (trained on first use, minutes, then
+    cached); ``"none"``: ``(None, note)``, the explorer shows pixels only.
     """
     from dmlnb.experiment import load_model
 
+    check_choice("model", model, EXPLORER_MODELS)
     if run_dir is not None:
         return load_model(run_dir), f"model: the run in {run_dir}"
     if quick_train_steps > 0:
         path = brief_run(runs_root, ssr=True, steps=quick_train_steps, seed=seed)
         return load_model(path), f"model: a quick SSR run of {quick_train_steps} steps ({path})"
+    if model == "shipped":
+        path = shipped_run("ssr")
+        return load_model(path), (f"model: the shipped SSR run (small CNN, seed 0{_test_map(path)}; "
+                                  f"notebooks/trained/{path.name})")
+    if model == "pretrained":
+        path = pretrained_run(seed=seed)
+        return load_model(path), (f"model: a pretrained EfficientNet-Lite0 SSR run of "
+                                  f"{PRETRAINED_STEPS} steps{_test_map(path)} ({path})")
     return None, ("no model: the explorer shows the views and their pixel distance only; set "
-                  "run_dir to a finished run (or quick_train_steps > 0) for the embedding read-out")
+                  "model='shipped', run_dir to a finished run (or quick_train_steps > 0) for the "
+                  "embedding read-out")
 
 
 def default_ablation_grid(seeds: int = 2, steps: int = 30) -> list[dict[str, Any]]:
@@ -417,3 +487,82 @@ def default_ablation_grid(seeds: int = 2, steps: int = 30) -> list[dict[str, Any
         {**common, "ssr": True, "ssr_weight": 0.4},
         {**common, "ssr": True, "ssr_nested": False},
     ]
+
+
+def explorer_data_options(
+    run_dir: str | os.PathLike | None, quick_train_steps: int = 0, model: str = "shipped",
+) -> dict[str, Any]:
+    """Data options that make the views notebook's images those the explorer's model reads:
+    ``{"image_size": N}`` when the run of :func:`explorer_model` (same arguments; nothing is
+    trained here) was trained at another size than the default 32 px (the pretrained preset:
+    64 px), else ``{}``."""
+    from dmlnb.config import PRESETS, TrainConfig
+    from dmlnb.runs import load_run
+
+    check_choice("model", model, EXPLORER_MODELS)
+    default = TrainConfig().image_size
+    if run_dir is not None:
+        size = load_run(run_dir).config.get("image_size", default)
+    elif quick_train_steps > 0 or model != "pretrained":
+        size = default
+    else:
+        size = PRESETS[PRETRAINED_PRESET].get("image_size", default)
+    return {} if size == default else {"image_size": int(size)}
+
+
+def intraclass_runs(
+    baseline_run: str | os.PathLike | None, ssr_run: str | os.PathLike | None,
+    train_steps: int = 0, runs_root: str | os.PathLike = "../runs", seed: int = 0,
+) -> dict[str, Path]:
+    """The baseline and SSR runs the intra-class notebook compares, ``{"baseline", "SSR"}``.
+
+    A given run is used as it is; a missing one is, with ``train_steps > 0``, a brief run of that
+    many steps (:func:`brief_run`, same seed and budget for both), and with ``train_steps = 0``
+    (the default) the shipped run (:func:`shipped_run`: no training).
+    """
+    def pick(given: Any, ssr: bool) -> Path:
+        if given is not None:
+            return Path(given)
+        if train_steps > 0:
+            return brief_run(runs_root, ssr=ssr, steps=train_steps, seed=seed)
+        return shipped_run("ssr" if ssr else "baseline")
+
+    return {"baseline": pick(baseline_run, False), "SSR": pick(ssr_run, True)}
+
+
+_EMBEDDINGS_CACHE = NOTEBOOKS_DIR / "runs" / "embeddings"
+
+
+def run_embeddings(run: Any, cache_dir: str | os.PathLike | None = _EMBEDDINGS_CACHE) -> dict[str, Any]:
+    """The final test embeddings of a finished run (``embeddings``, ``labels``, ``indices``).
+
+    Its ``embeddings.npz`` when it has one. A run without it (a slim copy, as shipped in
+    ``notebooks/trained``: :func:`dmlnb.runs.export_run`) gets them recomputed on the CPU from
+    its checkpoint on its test split with its evaluation batch size, which gives the values the
+    run wrote, bit for bit (about a minute on one thread for the full glyph test split); they are
+    then cached in ``cache_dir`` (default ``notebooks/runs/embeddings``, ignored by git; ``None``:
+    no cache) under the run's name and a hash of its checkpoint, so a second open reads them
+    back and a rebuilt run is recomputed."""
+    import hashlib
+
+    from dmlnb.experiment import embed, load_model, run_dataset
+    from dmlnb.runs import EMBEDDINGS_FILE, load_run, save_npz
+
+    run = run if hasattr(run, "embeddings") else load_run(run)
+    if (run.path / EMBEDDINGS_FILE).exists():
+        return run.embeddings()
+    cached = None
+    if cache_dir is not None:
+        ckpt = sorted((run.path / "checkpoints").glob("*.pt"))
+        digest = hashlib.sha256(b"".join(p.read_bytes() for p in ckpt)).hexdigest()[:16]
+        cached = Path(cache_dir) / f"{run.path.name}-{digest}.npz"
+        if cached.is_file():
+            import numpy as np
+
+            with np.load(cached) as z:
+                return {k: z[k] for k in z.files}
+    cfg = run.train_config()
+    out = embed(load_model(run), run_dataset(run), batch_size=cfg.eval_batch_size)
+    if cached is not None:
+        save_npz(cached, **out)
+    return out

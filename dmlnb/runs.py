@@ -421,3 +421,65 @@ def runs_table(runs: str | Path | Iterable[str | Path] = "runs") -> pd.DataFrame
                 row[f"{part}/{k}"] = v
         rows.append(row)
     return pd.DataFrame.from_records(rows)
+
+
+# --- exporting -----------------------------------------------------------------------------------
+#: what :func:`export_run` keeps of a checkpoint: the weights a model is rebuilt from, and where
+#: in the run they were taken (no loss, optimiser, scheduler, sampler or RNG state)
+SLIM_CHECKPOINT_KEYS = ("model", "in_channels", "epoch", "step")
+
+
+def export_run(src: str | Path, dst: str | Path, *, embeddings: bool = False,
+               replace: bool = False) -> Path:
+    """Copy the finished run in ``src`` to ``dst`` in a slim form that is small enough to ship.
+
+    ``dst`` gets the run's ``config.json``, ``summary.json`` and ``metrics.jsonl`` unchanged and
+    one checkpoint: the one the run's final test used (``summary["test_checkpoint"]``, ``best.pt``
+    unless the run chose ``last.pt``), under the same name, holding only the model weights and
+    ``in_channels``, ``epoch``, ``step`` (:data:`SLIM_CHECKPOINT_KEYS`). :func:`load_run` reads
+    the copy as it reads the run, and ``dmlnb.experiment.load_model`` rebuilds the same model
+    from it (``torch.load(weights_only=True)``). ``embeddings=True`` also copies
+    ``embeddings.npz`` (the final test's embeddings; on the full glyph test split about 14 MB).
+
+    ``dst`` must be absent or empty; with ``replace=True`` it may also hold a run, whose files
+    are then overwritten (each atomically) and whose run files that the new copy does not have
+    (the other checkpoint, ``embeddings.npz``) are removed. A ``src`` without ``summary.json``
+    (not finished) is refused. Returns ``dst``.
+    """
+    src, dst = Path(src), Path(dst)
+    run = load_run(src)
+    if run.summary is None:
+        raise ValueError(f"{str(src)!r} is not a finished run ({SUMMARY_FILE} missing); "
+                         f"finish it first (resume it), then export it")
+    if dst.resolve() == src.resolve():
+        raise ValueError(f"export_run: src and dst are the same folder ({str(src)!r})")
+    if dst.exists() and (not dst.is_dir() or _contents(dst)):
+        if not (replace and dst.is_dir() and is_run(dst)):
+            raise RunExistsError(
+                f"export destination {str(dst)!r} already exists and is not empty; pass "
+                f"replace=True to overwrite the run there, or choose another folder")
+    name = str(run.summary.get("test_checkpoint") or BEST_CHECKPOINT)
+    ckpt = src / CHECKPOINT_DIR / name
+    if not ckpt.exists():
+        raise FileNotFoundError(f"{str(src)!r}: the checkpoint of its final test ({name}) is missing")
+    state = load_checkpoint(ckpt)
+    missing = [k for k in ("model", "in_channels") if k not in state]
+    if missing:
+        raise CorruptCheckpointError(f"{str(ckpt)!r} lacks {missing}: not a dmlnb run checkpoint")
+    slim = {k: state[k] for k in SLIM_CHECKPOINT_KEYS if k in state}
+    files = [CONFIG_FILE, SUMMARY_FILE, METRICS_FILE] + ([EMBEDDINGS_FILE] if embeddings else [])
+    for f in files:
+        if not (src / f).exists():
+            raise FileNotFoundError(f"{str(src)!r} has no {f} to export")
+    dst.mkdir(parents=True, exist_ok=True)
+    # the checkpoint first and config.json (what makes a folder a run) last: an export that is
+    # interrupted never leaves a run without its weights
+    save_checkpoint(dst / CHECKPOINT_DIR / name, slim)
+    for f in reversed(files):
+        write_bytes(dst / f, (src / f).read_bytes())
+    stale = [dst / CHECKPOINT_DIR / n for n in (LAST_CHECKPOINT, BEST_CHECKPOINT) if n != name]
+    stale += [] if embeddings else [dst / EMBEDDINGS_FILE]
+    for p in stale:
+        if p.is_file():
+            p.unlink()
+    return dst

@@ -28,12 +28,13 @@ Intra-class measures of a trained model (:func:`intraclass_measures`), on the te
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -346,9 +347,10 @@ def run_study(
     if analyze_only:
         table = collect(out / "runs")
     else:
-        table = run_sweep(notebook, grid or study_grid(quick, fashion), out / "runs", jobs=jobs,
-                          cell_timeout=cell_timeout, notebook_timeout=notebook_timeout,
-                          progress=progress)
+        with _points_without_static_figures():
+            table = run_sweep(notebook, grid or study_grid(quick, fashion), out / "runs", jobs=jobs,
+                              cell_timeout=cell_timeout, notebook_timeout=notebook_timeout,
+                              progress=progress)
     budget["sweep_s"] = round(time.perf_counter() - t0, 1)
     budget["sweep_points"] = int(len(table))
     budget["sweep_point_s_sum"] = round(float(pd.to_numeric(table.get("seconds"), errors="coerce").sum()), 1)
@@ -454,13 +456,15 @@ def run_pretrained_study(
     # answers (the first loss on every data set), and a re-run continues where it stopped
     for loss in losses:
         if not analyze_only:
-            run_sweep(notebook, search_grid(datasets, [loss], candidates, quick=quick), out / "search",
-                      **sweep)
+            with _points_without_static_figures():
+                run_sweep(notebook, search_grid(datasets, [loss], candidates, quick=quick),
+                          out / "search", **sweep)
         search = search_results(_collected(out / "search"), candidates)
         chosen = {key: fields for key, fields in chosen_settings(search, candidates).items()
                   if key[1] == loss}
         if not analyze_only and chosen:
-            run_sweep(notebook, pretrained_grid(chosen, seeds, quick=quick), out / "runs", **sweep)
+            with _points_without_static_figures():
+                run_sweep(notebook, pretrained_grid(chosen, seeds, quick=quick), out / "runs", **sweep)
     stable = _collected(out / "search")
     search = search_results(stable, candidates)
     search.to_csv(out / "search.csv", index=False)
@@ -488,6 +492,24 @@ def _collected(sweep_dir: Path) -> pd.DataFrame:
     from dmlnb.sweep import collect
 
     return collect(sweep_dir) if sweep_dir.is_dir() else pd.DataFrame()
+
+
+@contextlib.contextmanager
+def _points_without_static_figures() -> Iterator[None]:
+    """The study's points keep interactive figures only (``DMLNB_STATIC_FIGURES=0`` for the
+    kernels the sweep starts, :func:`dmlnb.viz.static_figures`): their notebooks are records of
+    the runs, the study writes its own figures, and a PNG per figure costs seconds per point."""
+    from dmlnb.viz import STATIC_FIGURES_ENV
+
+    old = os.environ.get(STATIC_FIGURES_ENV)
+    os.environ[STATIC_FIGURES_ENV] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(STATIC_FIGURES_ENV, None)
+        else:
+            os.environ[STATIC_FIGURES_ENV] = old
 
 
 def _code_version() -> str:
@@ -778,6 +800,7 @@ def _main(args) -> int:
         args.out = args.out or "study"
         result = run_study(args.out, args.jobs, fashion=not args.no_fashion, **common)
     if args.readme:
-        splice_readme((Path(args.out) / "results.md").read_text(), Path(args.readme))
+        marker = "study-pretrained" if args.regime == "pretrained" else "study"
+        splice_readme((Path(args.out) / "results.md").read_text(), Path(args.readme), marker)
     failed = int((result["runs"]["status"] != "ok").sum())
     return 1 if failed else 0

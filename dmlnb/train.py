@@ -522,12 +522,12 @@ class Trainer:
             summary = self.finished_summary
             return FitResult(self.run_dir, dict(summary.get("test", {})),
                              summary.get("best_epoch"), True, summary)
-        from tqdm.auto import tqdm
+        from dmlnb.progress import progress_bar
 
         cfg = self.cfg
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", disable=self.quiet,
-                   dynamic_ncols=True)
+        bar = progress_bar(total=self.total_steps, initial=self.step, desc="train",
+                           disable=self.quiet, dynamic_ncols=True)
         try:
             while self.epoch < cfg.epochs and self.step < self.total_steps:
                 limit = min(self.batches_per_epoch,

@@ -19,6 +19,11 @@ Hover images
 Export
     :func:`write_html` (self-contained) and :func:`write_png` (kaleido if installed, else a
     headless Chromium screenshot through Playwright).
+Stored notebooks
+    In a kernel started headless (:func:`static_figures`: ``$DMLNB_STATIC_FIGURES``, which
+    :func:`dmlnb.execute.run_notebook` sets), every figure displayed (:func:`show`, ``fig.show()``,
+    a figure as a cell's value) is stored as :func:`figure_bundle`: plotly's JupyterLab mimetype
+    and a PNG, which GitHub, nbviewer and nbconvert's HTML show.
 """
 
 from __future__ import annotations
@@ -55,7 +60,12 @@ __all__ = [
     "mosaic_figure",
     "project_2d",
     "retrieval_gallery",
+    "STATIC_FIGURES_ENV",
+    "figure_bundle",
+    "figure_png",
+    "install_static_renderer",
     "show",
+    "static_figures",
     "side_by_side",
     "similarity_curve",
     "to_uint8",
@@ -705,21 +715,121 @@ def write_html(fig: go.Figure, path: str | os.PathLike, hover_images: bool = Tru
 
 _SHOWN_PLOTLYJS = False
 
+#: set to 1 (true, yes, on) in a kernel's environment: every figure it displays carries a PNG
+#: fallback (:func:`figure_bundle`). :func:`dmlnb.execute.run_notebook` sets it in the kernels it
+#: starts unless the caller's environment sets it (``DMLNB_STATIC_FIGURES=0``: interactive only).
+STATIC_FIGURES_ENV = "DMLNB_STATIC_FIGURES"
+_PNG_ROUTE: dict[str, Any] = {}  # "kaleido_server": started; "failed": why no PNG can be made here
+
+
+def static_figures() -> bool:
+    """Whether figures displayed in this process carry a PNG fallback (:data:`STATIC_FIGURES_ENV`).
+
+    A PNG takes seconds to render (a headless browser; about 4 s for the first figure of a kernel
+    and 0.3 s for each after it with kaleido, 4-5 s each through the Chromium route), so only
+    headless runs make them, where the stored notebook is all that is left to read."""
+    return os.environ.get(STATIC_FIGURES_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def figure_png(fig: go.Figure, scale: float = 1.0) -> bytes | None:
+    """``fig`` as PNG bytes through :func:`write_pngs` (kaleido, its browser kept running between
+    figures, else a Chromium screenshot); ``None`` when neither route works here (one warning per
+    process, and no further attempt)."""
+    if "failed" in _PNG_ROUTE:
+        return None
+    import tempfile
+    import warnings
+
+    if "kaleido_server" not in _PNG_ROUTE:  # one browser for all the figures of this process
+        _PNG_ROUTE["kaleido_server"] = True
+        try:
+            import kaleido
+
+            kaleido.start_sync_server(silence_warnings=True)
+        except Exception:  # kaleido < 1, or none: write_pngs finds its route per figure
+            pass
+    with tempfile.TemporaryDirectory(prefix="dmlnb-png-") as folder:
+        path = Path(folder) / "figure.png"
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+                write_pngs([(fig, path)], scale=scale)
+            return path.read_bytes()
+        except Exception as err:
+            _PNG_ROUTE["failed"] = f"{type(err).__name__}: {err}"
+            warnings.warn(f"figures are displayed without their PNG fallback: {err}",
+                          RuntimeWarning, stacklevel=2)
+            return None
+
+
+def figure_bundle(fig: go.Figure | Mapping[str, Any], png: bool | None = None,
+                  config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The MIME bundle a notebook stores for ``fig``: plotly's JupyterLab mimetype (interactive in
+    JupyterLab, which shows the richest entry it can), ``image/png`` (what static renderers show:
+    GitHub, nbviewer, nbconvert's HTML; when ``png``, default :func:`static_figures`, and a PNG
+    route works) and a short ``text/plain``. ``fig`` may be a figure dict (as plotly renderers
+    get it); ``config``: plotly.js options of the interactive figure."""
+    from plotly.io.base_renderers import PlotlyRenderer
+
+    fig_dict = fig.to_dict() if isinstance(fig, go.Figure) else dict(fig)
+    bundle = dict(PlotlyRenderer(config=dict(config or {})).to_mimebundle(dict(fig_dict)))
+    if static_figures() if png is None else png:
+        data = figure_png(fig if isinstance(fig, go.Figure) else go.Figure(fig_dict))
+        if data is not None:
+            bundle["image/png"] = base64.b64encode(data).decode("ascii")
+    title = ((fig_dict.get("layout") or {}).get("title") or {})
+    title = title.get("text") if isinstance(title, Mapping) else title
+    bundle["text/plain"] = f"plotly figure: {title}" if title else "plotly figure"
+    return bundle
+
+
+def install_static_renderer() -> None:
+    """Make plotly's ``plotly_mimetype`` renderer (the one :func:`dmlnb.notebook.setup` selects)
+    return :func:`figure_bundle`, so that ``fig.show()``, a figure as a cell's value and
+    :func:`dmlnb.widgets.display_bundle` store the PNG fallback too. Done on import when
+    :func:`static_figures`; JupyterLab sessions keep plotly's renderer untouched."""
+    import plotly.io as pio
+    from plotly.io.base_renderers import PlotlyRenderer
+
+    class StaticFallbackRenderer(PlotlyRenderer):
+        """plotly's JupyterLab mimetype renderer with :func:`figure_bundle`'s PNG and text."""
+
+        def to_mimebundle(self, fig_dict: dict[str, Any]) -> dict[str, Any]:
+            return figure_bundle(fig_dict, png=True, config=self.config)
+
+    old = pio.renderers["plotly_mimetype"]
+    if type(old).__name__ == StaticFallbackRenderer.__name__:
+        return
+    pio.renderers["plotly_mimetype"] = StaticFallbackRenderer(config=old.config)
+    if pio.renderers.default == "plotly_mimetype":  # the default keeps renderer objects: renew
+        pio.renderers.default = "plotly_mimetype"
+
 
 def show(fig: go.Figure, hover_images: bool = True) -> None:
     """Display ``fig`` in a notebook with the hover-image script (so hovering a point shows its
     image). plotly.js is embedded in the first figure shown in a kernel and reused after that.
-    Without hover images this is ``fig.show()``."""
+    Without hover images this is ``fig.show()``.
+
+    Run headless (:func:`static_figures`), it displays :func:`figure_bundle` instead: the
+    interactive figure and its PNG, without the hover script (a stored notebook is not trusted,
+    so no viewer would run it; the HTML file :func:`write_html` writes keeps the hover images)."""
     global _SHOWN_PLOTLYJS
+    from IPython.display import HTML, display
+
+    if static_figures():
+        display(figure_bundle(fig, png=True), raw=True)
+        return
     if not hover_images:
         fig.show()
         return
-    from IPython.display import HTML, display
-
     html = fig.to_html(include_plotlyjs=not _SHOWN_PLOTLYJS, full_html=False,
                        post_script=HOVER_IMAGE_JS)
     _SHOWN_PLOTLYJS = True
     display(HTML(html))
+
+
+if static_figures():
+    install_static_renderer()
 
 
 def write_png(fig: go.Figure, path: str | os.PathLike, scale: float = 2.0) -> Path:

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dmlnb"
 
 #: group -> layer (0 is the bottom). A module belongs to the group of its longest matching prefix.
 LAYERS = {
-    "dmlnb.defaults": 0, "dmlnb._validate": 0,
+    "dmlnb.defaults": 0, "dmlnb._validate": 0, "dmlnb.progress": 0,
     "dmlnb.config": 1,
     "dmlnb.data": 2, "dmlnb.views": 2, "dmlnb.backbones": 2, "dmlnb.losses": 2,
     "dmlnb.metrics": 2, "dmlnb.model": 2.5,

@@ -8,59 +8,24 @@ Skipped, with the reason, when Playwright or Chromium (``/usr/bin/chromium`` or
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import nbformat
 import pytest
+from lab_server import KERNEL_IDLE_JS, ROOT, _set_parameters, jupyterlab, skip_unless_browser
 
 from dmlnb.viz import CHROMIUM_ARGS, chromium_path
 
-ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-START_TIMEOUT_S = 90
 RUN_TIMEOUT_MS = 240_000  # the notebook run (kernel start, gallery, explorer) on 2 busy cores
-
-
-KERNEL_IDLE_JS = """() => {
-  const w = window.jupyterapp.shell.currentWidget;
-  const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
-  return !!k && k.status === 'idle' && k.connectionStatus === 'connected';
-}"""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _set_parameters(book, **values):
-    cell = next(c for c in book.cells if c.cell_type == "code")
-    lines = cell.source.splitlines()
-    for i, line in enumerate(lines):
-        name = line.split("=")[0].strip()
-        if name in values:
-            lines[i] = f"{name} = {values[name]!r}"
-    cell.source = "\n".join(lines)
 
 
 @pytest.fixture
 def lab(tmp_path):
-    """A JupyterLab server with fresh config/settings dirs (announcements off), serving a copy
-    of the views notebook whose parameters point at a tiny trained run."""
-    pytest.importorskip("playwright.sync_api", reason="playwright (pip) is not installed")
-    if not Path(chromium_path()).exists():
-        pytest.skip(f"no Chromium at {chromium_path()} (apt-get install chromium)")
-    if shutil.which("jupyter-lab", path=str(Path(sys.executable).parent)) is None:
-        pytest.skip("jupyterlab is not installed next to this Python")
+    """A JupyterLab server (:func:`lab_server.jupyterlab`) serving a copy of the views
+    notebook whose parameters point at a tiny trained run."""
+    skip_unless_browser()
 
     from dmlnb.train import fit
 
@@ -72,44 +37,8 @@ def lab(tmp_path):
     book = nbformat.read(ROOT / "notebooks" / "01_views.ipynb", as_version=4)
     _set_parameters(book, run_dir=str(run_dir), n_images=1, levels=3)
     nbformat.write(book, served / "01_views.ipynb")
-
-    config, settings = tmp_path / "jupyter_config", tmp_path / "lab_settings"
-    (config / "labconfig").mkdir(parents=True)
-    (config / "labconfig" / "page_config.json").write_text(json.dumps(
-        {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
-    settings.mkdir()
-    env = dict(os.environ, JUPYTER_CONFIG_DIR=str(config), JUPYTERLAB_SETTINGS_DIR=str(settings),
-               JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "workspaces"),
-               JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               OMP_NUM_THREADS="1")
-    port, token = _free_port(), "dmlnb-test-token"
-    log = open(tmp_path / "lab.log", "w")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
-         f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={served}",
-         "--LabApp.expose_app_in_browser=True", "--ServerApp.open_browser=False", "--allow-root"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + START_TIMEOUT_S
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise RuntimeError("JupyterLab did not start:\n" + (tmp_path / "lab.log").read_text()) from None
-                time.sleep(0.5)
-        yield {"url": url, "token": token, "tmp": tmp_path}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with jupyterlab(tmp_path, served) as server:
+        yield server
 
 
 def test_views_notebook_slider_moves_image_and_readout(lab):

@@ -250,7 +250,7 @@ def test_figures_driver_runs_views_notebook(kernel_env, tmp_path):
                       if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert widget_outputs, "the explorer widget was not displayed"
     text = "".join(o.get("text", "") for c in book.cells for o in c.get("outputs", []))
-    assert "no model" in text  # no run given and quick training off: the note says so
+    assert "model: the shipped SSR run" in text  # no run given, quick training off: the shipped run
 
 
 def test_figures_cli_parser():

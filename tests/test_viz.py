@@ -239,3 +239,22 @@ def test_write_png_renders(tmp_path):
     assert img.shape[0] >= 190 and img.shape[1] >= 290
     assert (np.abs(img.astype(int) - 255).sum(-1) > 30).mean() > 0.02  # something was drawn
     assert Image.open(pb).size[0] >= b.layout.width - 20
+
+
+def test_glyph_gallery_png_has_labels_for_rows_and_columns(tmp_path):
+    from dmlnb.data import load_dataset
+    from dmlnb.gallery import glyph_column_label, glyph_gallery, write_glyph_gallery
+
+    test = load_dataset("glyphs", "test")
+    chars = "".join(test.classes[:3])
+    grid, captions = glyph_gallery(test, chars, fonts_per_style=1)
+    path, again = write_glyph_gallery(tmp_path / "g.png", test, chars, fonts_per_style=1, scale=2)
+    assert again == captions
+    from PIL import Image
+
+    img = np.asarray(Image.open(path).convert("RGB"))
+    # the labelled image is the grid enlarged twice plus a left margin and a top band for labels
+    assert img.shape[0] > 2 * grid.shape[0] and img.shape[1] > 2 * grid.shape[1]
+    assert (img[:8, :, :] < 128).any()  # text in the top band
+    assert glyph_column_label("Latin Modern Mono Light (mono)") == "Latin"
+    assert glyph_column_label("Breip (script)") == "Breip"

@@ -671,9 +671,9 @@ def _rasterise_all(
     out: dict[Source, tuple[np.ndarray, int]] = {}
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from dmlnb.progress import progress_bar
 
-        bar = tqdm(total=len(todo), desc="rendering icons", file=sys.stderr)
+        bar = progress_bar(total=len(todo), desc="rendering icons", file=sys.stderr)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for s, result, err in pool.map(one, todo):
             if result is None:

@@ -122,7 +122,7 @@ def verify_checksum(path: str | os.PathLike, *, md5: str | None = None, sha256: 
 
 def fetch(url: str, dest: str | os.PathLike, *, progress: bool = True) -> Path:
     """Download ``url`` to ``dest`` via ``dest.part``, resuming a partial file (module docstring)."""
-    from tqdm.auto import tqdm
+    from dmlnb.progress import progress_bar
 
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
@@ -141,8 +141,8 @@ def fetch(url: str, dest: str | os.PathLike, *, progress: bool = True) -> Path:
             total = have + int(length) if length is not None else None
             with (
                 open(part, "ab" if have else "wb") as out,
-                tqdm(total=total, initial=have, unit="B", unit_scale=True, unit_divisor=1024,
-                     desc=dest.name, disable=not progress) as bar,
+                progress_bar(total=total, initial=have, unit="B", unit_scale=True,
+                             unit_divisor=1024, desc=dest.name, disable=not progress) as bar,
             ):
                 for chunk in iter(lambda: response.read(_CHUNK), b""):
                     out.write(chunk)
