@@ -175,8 +175,9 @@ def search_results(
 ) -> pd.DataFrame:
     """One row per (data set, loss, candidate) of a finished search sweep: the validation metrics
     (the search points' ``test/<metric>``: their test split is the validation split), the SSR
-    diagnostics, and ``chosen`` (the best ``metric`` per data set and loss; ties: the earlier
-    candidate, so the paper's form wins a tie)."""
+    diagnostics, and ``chosen`` (the best ``metric`` per data set and loss once every candidate of
+    that data set and loss has finished; ties: the earlier candidate, so the paper's form wins a
+    tie)."""
     rows = []
     by_setting = {setting_name(pd.Series({"ssr": True, **fields})): name for name, fields in candidates}
     order = {name: i for i, (name, _) in enumerate(candidates)}
@@ -198,8 +199,11 @@ def search_results(
     out["order"] = out["candidate"].map(order)
     out = out.sort_values(["dataset", "loss", "order"]).reset_index(drop=True)
     out["chosen"] = False
-    for _, group in out[out.status == "ok"].groupby(["dataset", "loss"]):
-        values = pd.to_numeric(group[f"val_{metric}"], errors="coerce")
+    for _, group in out.groupby(["dataset", "loss"]):
+        done = group[group.status == "ok"]
+        if set(done["candidate"]) != set(order):  # a search not finished chooses nothing yet
+            continue
+        values = pd.to_numeric(done[f"val_{metric}"], errors="coerce")
         if values.notna().any():
             out.loc[values.idxmax(), "chosen"] = True  # idxmax: the first of equal maxima
     return out.drop(columns="order")
@@ -468,11 +472,11 @@ def run_pretrained_study(
     stable = _collected(out / "search")
     search = search_results(stable, candidates)
     search.to_csv(out / "search.csv", index=False)
-    budget["search_points"] = int(len(stable))
+    budget["search_points"] = int((stable.get("status", pd.Series(dtype=str)) == "ok").sum())
     budget["search_point_s_sum"] = round(float(pd.to_numeric(stable.get("seconds"), errors="coerce").sum()), 1)
     table = _collected(out / "runs")
     budget["sweep_s"] = round(time.perf_counter() - t0, 1)
-    budget["sweep_points"] = int(len(table))
+    budget["sweep_points"] = int((table.get("status", pd.Series(dtype=str)) == "ok").sum())
     budget["sweep_point_s_sum"] = round(float(pd.to_numeric(table.get("seconds"), errors="coerce").sum()), 1)
     result = analyze(out, table, budget, quick=quick, preamble=render_search(search, budget))
     result["search"] = search
@@ -532,7 +536,7 @@ def render_search(search: pd.DataFrame, budget: dict[str, Any]) -> str:
     if search.empty:
         return ""
     lines = [f"**SSR settings searched on the validation classes** (seed {SEARCH_SEED}, one run per "
-             f"cell, {budget.get('search_points', len(search))} runs, "
+             f"cell, {budget.get('search_points', len(search))} finished runs, "
              f"{budget.get('search_point_s_sum', 0) / 60:.0f} min in all; the chosen setting per "
              f"data set and loss, marked *, has the best validation {SEARCH_SELECT})", "",
              "| dataset | loss | candidate | val MAP@R | val R@1 | L_sort | L_pos | grad ratio | "
@@ -626,7 +630,7 @@ def render_markdown(settings: pd.DataFrame, paired: pd.DataFrame, failed: pd.Dat
     intra = [m for m in ("view_tau_metric", "view_tau_ssr", "spread", "rho", "density_ratio",
                          "orig_r1_level1", "orig_r1_level4", "lift_family", "lift_weight",
                          "lift_italic", "lift_category", "lift_theme")
-             if f"{m}_mean" in settings and settings[f"{m}_mean"].notna().any()]
+             if f"{m}_mean" in settings and settings[f"{m}_mean"].dropna().nunique() > 1]
     for title, cols in (("Retrieval and clustering (test classes)", retrieval),
                         ("Intra-class structure (test classes)", intra)):
         lines += [f"**{title}**", "", "| dataset | loss | setting | n | " + " | ".join(cols) + " |",
@@ -641,7 +645,8 @@ def render_markdown(settings: pd.DataFrame, paired: pd.DataFrame, failed: pd.Dat
                   "| dataset | loss | setting | metric | n | baseline | SSR | diff ± std | t p | W p |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         setting_of = paired["setting"] if "setting" in paired else pd.Series("ssr", index=paired.index)
-        for i, p in paired[paired.metric.isin(PAIRED_IN_REPORT)].iterrows():
+        informative = paired.metric.isin(PAIRED_IN_REPORT) & ~((paired["diff"] == 0) & (paired["diff_std"] == 0))
+        for i, p in paired[informative].iterrows():
             lines.append(f"| {p['dataset']} | {p['loss']} | {setting_of[i]} | {p['metric']} | {int(p['n'])} | "
                          f"{p['baseline']:.3f} | {p['ssr']:.3f} | {p['diff']:+.3f} ± {p['diff_std']:.3f} | "
                          f"{p['t_p']:.3f} | {p['wilcoxon_p']:.3f} |")

@@ -191,10 +191,12 @@ def test_search_chooses_the_best_validation_setting_and_the_paper_wins_ties():
     assert list(chosen["candidate"]) == [names[2], names[2]]
     tie = study.search_results(_search_table({n: 0.3 for n in names}))
     assert set(tie[tie.chosen]["candidate"]) == {"paper"}
-    # a failed point is never chosen
+    # a search with a failed or unfinished point chooses nothing for its data set and loss yet
     table.loc[(table.loss == "margin") & (table.rank_beta == 0.85), "status"] = "failed"
     again = study.search_results(table)
-    assert again[again.chosen & (again.loss == "margin")]["candidate"].item() != names[2]
+    assert not again[again.loss == "margin"].chosen.any()
+    assert again[again.chosen]["loss"].tolist() == ["multisimilarity"]
+    assert study.chosen_settings(again) == {("icons", "multisimilarity"): {"rank_beta": 0.85}}
 
 
 def test_search_points_never_touch_the_test_classes():
