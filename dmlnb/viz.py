@@ -414,22 +414,34 @@ def ablation_chart(
     color: str | None = None,
     title: str | None = None,
 ) -> go.Figure:
-    """Bar chart of ``<metric>_mean`` with ``<metric>_std`` error bars against setting ``x``,
-    grouped by ``color`` (e.g. ``ssr``); the summary comes from :func:`dmlnb.sweep.summarize`."""
+    """Mean (a dot) with ``<metric>_std`` error bars of ``<metric>_mean`` against setting ``x``,
+    grouped by ``color`` (e.g. ``ssr``); the summary comes from :func:`dmlnb.sweep.summarize`.
+
+    Dots, not bars from 0: the y axis fits the means and their spread, so that differences of
+    0.01 between settings stay visible (a bar's length from 0 would hide them). Settings named
+    ``baseline``/``ssr``/... get their colour of :func:`setting_colour`; groups of ``color`` get
+    one colour each and a legend entry."""
     for col in [x, f"{metric}_mean", f"{metric}_std"] + ([color] if color else []):
         if col not in summary.columns:
             raise ValueError(f"column {col!r} is not in the summary; columns are: "
                              f"{', '.join(map(str, summary.columns))}")
     fig = go.Figure()
     groups = [(None, summary)] if color is None else list(summary.groupby(color, sort=False))
-    for key, part in groups:
-        fig.add_trace(go.Bar(
-            x=part[x].astype(str), y=part[f"{metric}_mean"],
+    for i, (key, part) in enumerate(groups):
+        value = key[0] if isinstance(key, tuple) else key
+        if key is None:
+            colours = [setting_colour(str(v)) for v in part[x]]
+        else:
+            colours = _QUALITATIVE[i % len(_QUALITATIVE)]
+        fig.add_trace(go.Scatter(
+            x=part[x].astype(str), y=part[f"{metric}_mean"], mode="markers",
+            marker=dict(size=11, color=colours),
             error_y=dict(type="data", array=part[f"{metric}_std"].fillna(0.0), visible=True),
-            name=str(metric if key is None else f"{color}={key[0] if isinstance(key, tuple) else key}"),
+            name=str(metric if key is None else f"{color}={value}"),
         ))
-    fig.update_layout(barmode="group", title=title or f"{metric} (mean ± std over seeds)",
-                      xaxis_title=x, yaxis_title=metric, template="plotly_white", width=640, height=400)
+    fig.update_layout(scattermode="group", title=title or f"{metric} (mean ± std over seeds)",
+                      xaxis_title=x, yaxis_title=metric, template="plotly_white", height=400,
+                      showlegend=color is not None, autosize=True)
     return fig
 
 

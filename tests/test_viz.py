@@ -129,6 +129,12 @@ def test_ablation_chart_error_bars():
                             "m_mean": [0.5, 0.6], "m_std": [0.01, 0.02]})
     fig = viz.ablation_chart(summary, "setting", "m")
     assert list(fig.data[0].y) == [0.5, 0.6] and list(fig.data[0].error_y.array) == [0.01, 0.02]
+    # dots on an axis that fits them, not bars from 0 that hide a difference of 0.01
+    assert fig.data[0].type == "scatter" and fig.data[0].mode == "markers"
+    assert fig.layout.yaxis.rangemode in (None, "normal")
+    named = pd.DataFrame({"setting": ["baseline", "ssr"], "m_mean": [0.5, 0.51], "m_std": [0.0, 0.0]})
+    colours = list(viz.ablation_chart(named, "setting", "m").data[0].marker.color)
+    assert colours == [viz.setting_colour("baseline"), viz.setting_colour("ssr")]
     fig = viz.ablation_chart(summary, "setting", "m", color="ssr")
     assert len(fig.data) == 2
     with pytest.raises(ValueError, match="nope"):
