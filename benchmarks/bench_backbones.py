@@ -41,6 +41,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _report import emit  # noqa: E402 - benchmarks/_report.py
+
 from dmlnb.losses import build_loss  # noqa: E402
 from dmlnb.model import EmbeddingNet  # noqa: E402
 
@@ -261,11 +263,7 @@ def main(argv=None) -> int:
                 f"{rc:.3f} / {rw:.3f} | {'-' if name == 'base' else f'{rc / ideal:.3f}'} |"
             )
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-    return 0
+    return emit(text, args.out)
 
 
 if __name__ == "__main__":

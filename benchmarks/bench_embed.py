@@ -56,6 +56,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _report import emit  # noqa: E402 - benchmarks/_report.py
+
 from dmlnb import experiment  # noqa: E402
 from dmlnb.config import TrainConfig, preset  # noqa: E402
 from dmlnb.data.tensor import TensorImageDataset  # noqa: E402
@@ -291,11 +293,7 @@ def main(argv=None) -> int:
     for res in results:
         lines += table(res)
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-    return 0
+    return emit(text, args.out)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _report import emit  # noqa: E402 - benchmarks/_report.py
+
 from dmlnb import experiment as E  # noqa: E402
 from dmlnb import runs  # noqa: E402
 from dmlnb import train as T  # noqa: E402
@@ -214,11 +216,7 @@ def main(argv=None) -> int:
         "",
     ]
     text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "a", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-    return 0
+    return emit(text, args.out)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,8 @@ import os
 import tarfile
 import urllib.request
 
-import numpy as np
 import pytest
-from PIL import Image
+from cub_tree import cub_tree  # tests/cub_tree.py
 
 from dmlnb.data import download as dl
 from dmlnb.data import load_dataset
@@ -25,25 +24,9 @@ from dmlnb.data.download import (
 )
 
 
-def _cub_tree(src):
-    """A two-class CUB_200_2011 folder (classes 1 and 101) as the archive holds it."""
-    d = src / "CUB_200_2011"
-    rows, labels = [], []
-    for i, (cid, name) in enumerate([(1, "001.Black_footed_Albatross"), (101, "101.White_Pelican")] * 2):
-        rel = f"{name}/{name[4:]}_{i}.jpg"
-        (d / "images" / name).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(d / "images" / rel)
-        rows.append(f"{i + 1} {rel}")
-        labels.append(f"{i + 1} {cid}")
-    (d / "images.txt").write_text("\n".join(rows) + "\n")
-    (d / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
-    (src / "attributes.txt").write_text("1 has_bill_shape::curved\n")
-    return d
-
-
 def _make_archive(tmp_path):
     src = tmp_path / "src"
-    _cub_tree(src)
+    cub_tree(src, attributes=True)
     archive = tmp_path / "CUB_200_2011.tgz"
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(src / "CUB_200_2011", arcname="CUB_200_2011")

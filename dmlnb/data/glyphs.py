@@ -22,7 +22,7 @@ import pandas as pd
 
 from dmlnb.data.assets import ASSETS
 from dmlnb.data.registry import register
-from dmlnb.data.tensor import TensorImageDataset, check_options, resize_uint8, select_per_class
+from dmlnb.data.tensor import TensorImageDataset, check_options, class_subset, resize_uint8
 
 OPTIONS = ("image_size", "max_per_class", "subset_seed", "transform")
 
@@ -81,13 +81,7 @@ def load_glyphs(split: str, root: str | None = None, **options: Any) -> TensorIm
     charset = data["charset"]
     chars = split_characters(split)
     class_ids = np.array([charset.index(c) for c in chars])
-    mask = np.isin(data["labels"], class_ids)
-    idx = np.flatnonzero(mask)
-    remap = np.full(len(charset), -1, dtype=np.int64)
-    remap[class_ids] = np.arange(len(class_ids))
-    labels = remap[data["labels"][idx]]
-    keep = select_per_class(labels, options.get("max_per_class"), int(options.get("subset_seed", 0)))
-    idx, labels = idx[keep], labels[keep]
+    idx, labels = class_subset(data["labels"], class_ids, len(charset), options)
     images = data["images"][idx]
     if "image_size" in options and options["image_size"] is not None:
         images = resize_uint8(images, int(options["image_size"]))

@@ -27,12 +27,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
 
 from dmlnb.data.build_icons import default_cache_dir
 from dmlnb.data.registry import register
-from dmlnb.data.tensor import TensorImageDataset, check_options, select_per_class
+from dmlnb.data.tensor import TensorImageDataset, check_options, class_subset, resize_uint8
 
 OPTIONS = ("image_size", "max_per_class", "subset_seed", "transform", "variants")
 FILES = ("icons.npz", "icons_manifest.csv", "icons_splits.json")
@@ -100,18 +98,6 @@ def split_classes(split: str, root: str | Path | None = None) -> list[str]:
     return parts[split]
 
 
-def resize_images(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize uint8 ``[N, C, H, W]`` images to ``size x size`` (bilinear, antialiased), in chunks."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    out = np.empty(images.shape[:2] + (size, size), np.uint8)
-    for start in range(0, images.shape[0], 1024):
-        x = torch.from_numpy(np.ascontiguousarray(images[start:start + 1024])).float()
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out[start:start + 1024] = x.round_().clamp_(0, 255).to(torch.uint8).numpy()
-    return out
-
-
 def load_icons(split: str, root: str | None = None, **options: Any) -> TensorImageDataset:
     """Load a split of the icons data set (built by ``dmlnb data build icons``).
 
@@ -133,18 +119,11 @@ def load_icons(split: str, root: str | None = None, **options: Any) -> TensorIma
     all_classes = [str(c) for c in arrays["classes"]]
     names = split_classes(split, root)
     class_ids = np.array([all_classes.index(c) for c in names], dtype=np.int64)
-    mask = np.isin(arrays["labels"], class_ids)
-    if not options.get("variants", False):
-        mask &= ~manifest["variant"].astype(bool).to_numpy()
-    idx = np.flatnonzero(mask)
-    remap = np.full(len(all_classes), -1, dtype=np.int64)
-    remap[class_ids] = np.arange(len(class_ids))
-    labels = remap[arrays["labels"][idx]]
-    keep = select_per_class(labels, options.get("max_per_class"), int(options.get("subset_seed", 0)))
-    idx, labels = idx[keep], labels[keep]
+    originals = None if options.get("variants", False) else ~manifest["variant"].astype(bool).to_numpy()
+    idx, labels = class_subset(arrays["labels"], class_ids, len(all_classes), options, originals)
     images = arrays["images"][idx]
     if options.get("image_size") is not None:
-        images = resize_images(images, int(options["image_size"]))
+        images = resize_uint8(images, int(options["image_size"]))
     meta = manifest.iloc[idx].reset_index(drop=True)
     return TensorImageDataset(images, labels, names, metadata=meta, transform=options.get("transform"),
                               name="icons")

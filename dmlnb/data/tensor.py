@@ -87,13 +87,34 @@ class TensorImageDataset(Dataset):
                 f"channels={self.channels}, size={self.image_size})")
 
 
-def resize_uint8(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize uint8 ``[N, H, W]`` images to ``size x size`` (bilinear, antialiased), deterministically."""
+def resize_uint8(images: np.ndarray, size: int, chunk: int = 1024) -> np.ndarray:
+    """Resize uint8 ``[N, H, W]`` or ``[N, C, H, W]`` images to ``size x size`` (bilinear,
+    antialiased), deterministically, ``chunk`` images at a time (bounded memory)."""
     if images.shape[-1] == size and images.shape[-2] == size:
         return images
-    x = torch.from_numpy(np.ascontiguousarray(images)).float()[:, None]
-    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return x[:, 0].round_().clamp_(0, 255).to(torch.uint8).numpy()
+    gray = images.ndim == 3
+    out = np.empty(images.shape[:-2] + (size, size), np.uint8)
+    for start in range(0, images.shape[0], chunk):
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + chunk])).float()
+        x = x[:, None] if gray else x
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        x = x.round_().clamp_(0, 255).to(torch.uint8)
+        out[start:start + chunk] = (x[:, 0] if gray else x).numpy()
+    return out
+
+
+def class_subset(labels: np.ndarray, class_ids: np.ndarray, n_classes: int,
+                 options: dict[str, Any], mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The items of a split: indices of the items whose label is in ``class_ids`` (and ``mask``),
+    and their labels renumbered ``0..len(class_ids)-1`` in the order of ``class_ids``; at most
+    ``options["max_per_class"]`` per class, chosen with ``options["subset_seed"]`` (default 0)."""
+    keep_mask = np.isin(labels, class_ids) if mask is None else np.isin(labels, class_ids) & mask
+    idx = np.flatnonzero(keep_mask)
+    remap = np.full(n_classes, -1, dtype=np.int64)
+    remap[class_ids] = np.arange(len(class_ids))
+    split_labels = remap[labels[idx]]
+    keep = select_per_class(split_labels, options.get("max_per_class"), int(options.get("subset_seed", 0)))
+    return idx[keep], split_labels[keep]
 
 
 def select_per_class(labels: np.ndarray, max_per_class: int | None, seed: int) -> np.ndarray:

@@ -35,6 +35,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from cub_tree import cub_tree  # tests/cub_tree.py
 from PIL import Image
 
 from dmlnb.data import download as dl
@@ -43,21 +44,6 @@ from dmlnb.data.download import ChecksumError, UnsafeArchiveError, download, saf
 from dmlnb.data.images import read_image
 
 PUBLISHED_MD5 = "97eceeb196236b17998738112f37df78"
-
-
-def _cub_tree(src):
-    """A two-class CUB_200_2011 folder (classes 1 and 101) as the archive holds it."""
-    d = src / "CUB_200_2011"
-    rows, labels = [], []
-    for i, (cid, name) in enumerate([(1, "001.Black_footed_Albatross"), (101, "101.White_Pelican")] * 2):
-        rel = f"{name}/{name[4:]}_{i}.jpg"
-        (d / "images" / name).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(d / "images" / rel)
-        rows.append(f"{i + 1} {rel}")
-        labels.append(f"{i + 1} {cid}")
-    (d / "images.txt").write_text("\n".join(rows) + "\n")
-    (d / "image_class_labels.txt").write_text("\n".join(labels) + "\n")
-    return d
 
 
 def _no_network(request):
@@ -93,7 +79,7 @@ def test_own_download_with_a_wrong_checksum_is_still_removed(tmp_path):
 
 # --- 2. zip archives ----------------------------------------------------------------------------------
 def _zip_of_cub(tmp_path, name="cub.zip"):
-    src = _cub_tree(tmp_path / "src")
+    src = cub_tree(tmp_path / "src")
     path = tmp_path / name
     with zipfile.ZipFile(path, "w") as z:
         for f in sorted(src.rglob("*")):
