@@ -172,12 +172,14 @@ def search_results(
     table: pd.DataFrame,
     candidates: Sequence[tuple[str, dict[str, Any]]] = SEARCH_CANDIDATES,
     metric: str = SEARCH_SELECT,
+    recorded: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One row per (data set, loss, candidate) of a finished search sweep: the validation metrics
     (the search points' ``test/<metric>``: their test split is the validation split), the SSR
     diagnostics, and ``chosen`` (the best ``metric`` per data set and loss once every candidate of
     that data set and loss has finished; ties: the earlier candidate, so the paper's form wins a
-    tie)."""
+    tie). ``recorded``: an earlier ``search.csv`` (:func:`recorded_points`); its finished rows
+    stand for the points of ``table`` that have no finished run directory."""
     rows = []
     by_setting = {setting_name(pd.Series({"ssr": True, **fields})): name for name, fields in candidates}
     order = {name: i for i, (name, _) in enumerate(candidates)}
@@ -186,7 +188,7 @@ def search_results(
         if name is None:
             continue
         row = {"dataset": r["dataset"], "loss": r["loss"], "candidate": name,
-               "setting": setting_name(r), "status": r.get("status")}
+               "setting": setting_name(r), "status": r.get("status"), "point": r.get("point")}
         for m in ("recall@1", "r_precision", "map@r", "nmi"):
             row[f"val_{m}"] = r.get(f"test/{m}", r.get(m))
         for k in ("rank_sort", "rank_pos", "ssr_grad_ratio", "ssr_cross_cos", "view_tau_ssr"):
@@ -194,6 +196,10 @@ def search_results(
         row["seconds"] = r.get("seconds")
         rows.append(row)
     out = pd.DataFrame(rows)
+    if recorded is not None and not recorded.empty:
+        extra = _unreplaced(recorded, out)
+        extra = extra[extra["candidate"].isin(list(order))].drop(columns="chosen", errors="ignore")
+        out = pd.concat([out, extra], ignore_index=True)
     if out.empty:
         return out
     out["order"] = out["candidate"].map(order)
@@ -342,31 +348,27 @@ def run_study(
     before the point is stopped and recorded as failed (default: ``02_train``'s,
     :data:`dmlnb.execute.DEFAULT_TIMEOUTS`).
     """
-    from dmlnb.sweep import collect, run_sweep
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    budget: dict[str, Any] = {"jobs": jobs, "cores": os.cpu_count(), "quick": quick}
+    budget: dict[str, Any] = {"jobs": jobs, "cores": os.cpu_count(), "quick": quick,
+                              "code": _code_version()}
+    recorded = recorded_points(out / "runs.csv")
     t0 = time.perf_counter()
-    if analyze_only:
-        table = collect(out / "runs")
-    else:
-        with _points_without_static_figures():
-            table = run_sweep(notebook, grid or study_grid(quick, fashion), out / "runs", jobs=jobs,
-                              cell_timeout=cell_timeout, notebook_timeout=notebook_timeout,
-                              progress=progress)
+    if not analyze_only:
+        _run_unrecorded(notebook, grid or study_grid(quick, fashion), out / "runs", recorded, jobs=jobs,
+                        cell_timeout=cell_timeout, notebook_timeout=notebook_timeout, progress=progress)
+    table = _collected(out / "runs")
     budget["sweep_s"] = round(time.perf_counter() - t0, 1)
-    budget["sweep_points"] = int(len(table))
-    budget["sweep_point_s_sum"] = round(float(pd.to_numeric(table.get("seconds"), errors="coerce").sum()), 1)
-
-    return analyze(out, table, budget, quick=quick)
+    return analyze(out, table, budget, quick=quick, recorded=recorded)
 
 
 def analyze(out: Path, table: pd.DataFrame, budget: dict[str, Any], *, quick: bool = False,
-            preamble: str = "") -> dict[str, pd.DataFrame]:
+            preamble: str = "", recorded: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
     """Measure every finished run of the sweep table ``table`` (points under ``out/runs``), add
-    the untrained reference rows, and write runs.csv, settings.csv, paired.csv, results.md (with
-    ``preamble`` first), the figures and budget.json into ``out``."""
+    the ``recorded`` rows (:func:`recorded_points` of an earlier runs.csv) of the points without a
+    finished run directory and the untrained reference rows, and write runs.csv, settings.csv,
+    paired.csv, results.md (with ``preamble`` first), the figures and budget.json into ``out``.
+    A row measured here gets ``budget["code"]`` in :data:`CODE_COLUMN`; a recorded row keeps its own."""
     t0 = time.perf_counter() - budget.get("sweep_s", 0.0)
     t1 = time.perf_counter()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -380,14 +382,24 @@ def analyze(out: Path, table: pd.DataFrame, budget: dict[str, Any], *, quick: bo
         rows.append(row)
     runs = pd.DataFrame(rows)
     runs = runs.rename(columns={c: c.split("/", 1)[1] for c in runs.columns if c.startswith("test/")})
-    runs["setting"] = runs.apply(setting_name, axis=1)
+    if not runs.empty:
+        runs["setting"] = runs.apply(setting_name, axis=1)
+        runs[CODE_COLUMN] = budget.get("code", "?")
+    extra = _unreplaced(recorded, runs) if recorded is not None else pd.DataFrame()
+    if len(extra):
+        print(f"study: {len(extra)} finished point(s) from the record {out / 'runs.csv'} (measured by "
+              f"{', '.join(sorted(map(str, set(extra[CODE_COLUMN]))))}; no run directory here)", flush=True)
+        runs = pd.concat([runs, extra], ignore_index=True)
     budget["measure_s"] = round(time.perf_counter() - t1, 1)
+    finished = runs[runs["status"] == "ok"] if "status" in runs.columns else runs
+    budget["sweep_points"] = int(len(finished))
+    budget["sweep_point_s_sum"] = round(float(pd.to_numeric(finished.get("seconds"), errors="coerce").sum()), 1)
 
     t2 = time.perf_counter()
-    reference = _untrained_rows(out, table, quick)
+    reference = _untrained_rows(out, runs, quick)
     budget["untrained_s"] = round(time.perf_counter() - t2, 1)
     runs = pd.concat([runs, reference], ignore_index=True)
-    first = [c for c in ("point", "status", "setting", *IDENTITY) if c in runs.columns]
+    first = [c for c in ("point", "status", "setting", *IDENTITY, CODE_COLUMN) if c in runs.columns]
     runs = runs[first + [c for c in runs.columns if c not in first]]
     runs.to_csv(out / "runs.csv", index=False)
 
@@ -447,38 +459,45 @@ def run_pretrained_study(
     Both sweeps reuse finished points, so an interrupted study continues where it stopped.
     ``analyze_only`` trains nothing and reports what is finished.
     """
-    from dmlnb.sweep import run_sweep
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    code = _code_version()
     budget: dict[str, Any] = {"jobs": jobs, "cores": os.cpu_count(), "quick": quick,
-                              "regime": "pretrained", "code": _code_version()}
+                              "regime": "pretrained", "code": code}
+    # the committed tables stand for the finished points whose run directories are elsewhere
+    recorded = {"search": recorded_points(out / "search.csv"), "runs": recorded_points(out / "runs.csv")}
     t0 = time.perf_counter()
     sweep = dict(jobs=jobs, cell_timeout=cell_timeout, notebook_timeout=notebook_timeout,
                  progress=progress)
+
+    def searched() -> pd.DataFrame:
+        found = search_results(_collected(out / "search"), candidates, recorded=recorded["search"])
+        if not found.empty:
+            if CODE_COLUMN not in found.columns:
+                found[CODE_COLUMN] = None
+            found[CODE_COLUMN] = found[CODE_COLUMN].where(found[CODE_COLUMN].notna(), code)
+        return found
+
     # one loss at a time, its search and then its grid: a study stopped half-way holds whole
     # answers (the first loss on every data set), and a re-run continues where it stopped
     for loss in losses:
         if not analyze_only:
-            with _points_without_static_figures():
-                run_sweep(notebook, search_grid(datasets, [loss], candidates, quick=quick),
-                          out / "search", **sweep)
-        search = search_results(_collected(out / "search"), candidates)
-        chosen = {key: fields for key, fields in chosen_settings(search, candidates).items()
+            _run_unrecorded(notebook, search_grid(datasets, [loss], candidates, quick=quick),
+                            out / "search", recorded["search"], **sweep)
+        chosen = {key: fields for key, fields in chosen_settings(searched(), candidates).items()
                   if key[1] == loss}
         if not analyze_only and chosen:
-            with _points_without_static_figures():
-                run_sweep(notebook, pretrained_grid(chosen, seeds, quick=quick), out / "runs", **sweep)
-    stable = _collected(out / "search")
-    search = search_results(stable, candidates)
+            _run_unrecorded(notebook, pretrained_grid(chosen, seeds, quick=quick), out / "runs",
+                            recorded["runs"], **sweep)
+    search = searched()
     search.to_csv(out / "search.csv", index=False)
-    budget["search_points"] = int((stable.get("status", pd.Series(dtype=str)) == "ok").sum())
-    budget["search_point_s_sum"] = round(float(pd.to_numeric(stable.get("seconds"), errors="coerce").sum()), 1)
+    done = search[search["status"] == "ok"] if not search.empty else search
+    budget["search_points"] = int(len(done))
+    budget["search_point_s_sum"] = round(float(pd.to_numeric(done.get("seconds"), errors="coerce").sum()), 1)
     table = _collected(out / "runs")
     budget["sweep_s"] = round(time.perf_counter() - t0, 1)
-    budget["sweep_points"] = int((table.get("status", pd.Series(dtype=str)) == "ok").sum())
-    budget["sweep_point_s_sum"] = round(float(pd.to_numeric(table.get("seconds"), errors="coerce").sum()), 1)
-    result = analyze(out, table, budget, quick=quick, preamble=render_search(search, budget))
+    result = analyze(out, table, budget, quick=quick, preamble=render_search(search, budget),
+                     recorded=recorded["runs"])
     result["search"] = search
     return result
 
@@ -514,6 +533,60 @@ def _points_without_static_figures() -> Iterator[None]:
             os.environ.pop(STATIC_FIGURES_ENV, None)
         else:
             os.environ[STATIC_FIGURES_ENV] = old
+
+
+#: the column of runs.csv and search.csv naming the package commit that measured a row
+CODE_COLUMN = "code"
+
+
+def recorded_points(path: str | Path) -> pd.DataFrame:
+    """The finished rows of an earlier ``runs.csv`` or ``search.csv`` of the study: the record
+    that stands for a point whose run directory is not on this machine (run directories hold
+    checkpoints and embeddings, gigabytes; the tables are committed).
+
+    Only rows that say ``status == "ok"``, name their ``point`` (its digest is the point's
+    identity, :func:`dmlnb.sweep.point_digest`) and the commit that measured them
+    (:data:`CODE_COLUMN`) count; an older table without those columns stands for nothing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return pd.DataFrame()
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise ValueError(f"{path}: not a readable study table ({err})") from err
+    if not {"point", "status", CODE_COLUMN} <= set(table.columns):
+        return pd.DataFrame()
+    ok = table["status"].eq("ok") & table["point"].notna() & table[CODE_COLUMN].notna()
+    return table[ok].reset_index(drop=True)
+
+
+def _unreplaced(recorded: pd.DataFrame, fresh: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``recorded`` whose point has no finished row in ``fresh``."""
+    from dmlnb.sweep import digest_of_name
+
+    if recorded.empty:
+        return recorded
+    done: set[str] = set()
+    if not fresh.empty and "point" in fresh.columns:
+        done = {digest_of_name(p) for p in fresh.loc[fresh["status"] == "ok", "point"].dropna()}
+    return recorded[~recorded["point"].map(digest_of_name).isin(done)]
+
+
+def _run_unrecorded(notebook: str | Path, grid: Sequence[dict[str, Any]], sweep_out: Path,
+                    recorded: pd.DataFrame, **sweep: Any) -> None:
+    """:func:`dmlnb.sweep.run_sweep` of the points of ``grid`` that ``recorded`` does not hold."""
+    from dmlnb.sweep import digest_of_name, expand_grid, point_digest, run_sweep
+
+    points = expand_grid(list(grid))
+    held = set(recorded["point"].map(digest_of_name)) if not recorded.empty else set()
+    todo = [p for p in points if point_digest(p) not in held]
+    if sweep.get("progress", True) and len(todo) < len(points):
+        print(f"study: {len(points) - len(todo)} of {len(points)} points of {sweep_out} are "
+              "recorded in the study's tables (their run directories are not needed)", flush=True)
+    if todo:
+        with _points_without_static_figures():
+            run_sweep(notebook, todo, sweep_out, **sweep)
 
 
 def _code_version() -> str:
@@ -585,7 +658,7 @@ def _untrained_rows(out: Path, table: pd.DataFrame, quick: bool) -> pd.DataFrame
             if v is None or (isinstance(v, float) and math.isnan(v)):
                 continue
             if k == "dataset_options":
-                v = json.loads(v) if isinstance(v, str) else v
+                v = _mapping(v)
             elif k in ("pretrained", "channels_last"):
                 v = _truthy(v)
             elif k != "backbone":
@@ -610,6 +683,18 @@ def _untrained_rows(out: Path, table: pd.DataFrame, quick: bool) -> pd.DataFrame
                          "image_size": config.get("image_size", _DEFAULTS["image_size"]),
                          "status": "ok", "setting": "untrained", **result})
     return pd.DataFrame(rows)
+
+
+def _mapping(v: Any) -> dict[str, Any]:
+    """A mapping column of a sweep table: a dict, its JSON, or (read back from a CSV) its repr."""
+    if not isinstance(v, str):
+        return dict(v)
+    try:
+        return json.loads(v)
+    except ValueError:
+        import ast
+
+        return ast.literal_eval(v)
 
 
 def _fmt(mean: float, std: float) -> str:

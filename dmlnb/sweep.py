@@ -152,6 +152,17 @@ def _canonical(params: Mapping[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
+def point_digest(params: Mapping[str, Any]) -> str:
+    """A point's identity: the first 8 hex digits of the SHA-1 of its canonical JSON (the same
+    parameters always give the same digest, whatever grid they came from)."""
+    return hashlib.sha1(_canonical(params).encode()).hexdigest()[:8]
+
+
+def digest_of_name(name: str) -> str:
+    """The digest a point's directory name ends with (:func:`point_name`)."""
+    return str(name).rsplit("-", 1)[-1]
+
+
 def point_name(params: Mapping[str, Any], max_len: int = 80, digest: str | None = None) -> str:
     """A readable, unique directory name for a point: ``ssr=True,seed=0-1a2b3c4d``.
 
@@ -162,7 +173,7 @@ def point_name(params: Mapping[str, Any], max_len: int = 80, digest: str | None 
     """
     readable = ",".join(f"{k}={v}" for k, v in params.items())
     readable = re.sub(r"[^A-Za-z0-9=,._+-]+", "_", readable)[:max_len].strip("_") or "point"
-    digest = digest or hashlib.sha1(_canonical(params).encode()).hexdigest()[:8]
+    digest = digest or point_digest(params)
     return f"{readable}-{digest}"
 
 
@@ -177,10 +188,10 @@ def point_names(points: Sequence[Mapping[str, Any]], existing: Iterable[str] = (
     """
     varying = [k for k in dict.fromkeys(k for p in points for k in p)
                if len({_canonical({"v": p.get(k)}) for p in points}) > 1]
-    by_digest = {n.rsplit("-", 1)[-1]: n for n in existing if "-" in n}
+    by_digest = {digest_of_name(n): n for n in existing if "-" in n}
     names = []
     for params in points:
-        digest = hashlib.sha1(_canonical(params).encode()).hexdigest()[:8]
+        digest = point_digest(params)
         shown = {k: params[k] for k in varying if k in params}
         names.append(by_digest.get(digest) or point_name(shown, digest=digest))
     return names

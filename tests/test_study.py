@@ -111,6 +111,16 @@ def test_miniature_study_end_to_end(tmp_path):
     # analysis again without training: same table, nothing re-run
     again = study.run_study(tmp_path, grid=grid, analyze_only=True, progress=False)
     assert again["settings"].equals(result["settings"])
+    assert set(runs.loc[runs.setting != "untrained", "code"]) == {budget["code"]}
+    # without the run directories (gigabytes, not committed) the committed runs.csv stands for
+    # the finished points: nothing is trained again and the numbers stay
+    import shutil
+
+    shutil.rmtree(tmp_path / "runs")
+    kept = study.run_study(tmp_path, jobs=2, grid=grid, progress=False)
+    assert not (tmp_path / "runs").exists()
+    pd.testing.assert_frame_equal(kept["settings"], result["settings"], check_exact=False, rtol=1e-12)
+    assert len(pd.read_csv(tmp_path / "runs.csv")) == len(runs)
 
 
 def test_view_trajectories_share_one_map_per_model_and_one_ladder():
@@ -197,6 +207,33 @@ def test_search_chooses_the_best_validation_setting_and_the_paper_wins_ties():
     assert not again[again.loss == "margin"].chosen.any()
     assert again[again.chosen]["loss"].tolist() == ["multisimilarity"]
     assert study.chosen_settings(again) == {("icons", "multisimilarity"): {"rank_beta": 0.85}}
+
+
+def test_recorded_search_rows_stand_for_missing_points_and_a_finished_run_replaces_them(tmp_path):
+    names = [n for n, _ in study.SEARCH_CANDIDATES]
+    table = _search_table({n: 0.30 + 0.01 * (i == 1) for i, n in enumerate(names)})
+    table["point"] = [f"p{i}-{i:08x}" for i in range(len(table))]
+    full = study.search_results(table)
+    full["code"] = "abc1234"
+    full.to_csv(tmp_path / "search.csv", index=False)
+    recorded = study.recorded_points(tmp_path / "search.csv")
+    assert len(recorded) == len(table)
+    # only half the points have run directories here: the record completes the search
+    half = study.search_results(table.iloc[::2], recorded=recorded)
+    assert len(half) == len(full) and half.chosen.sum() == 2
+    assert list(half[half.chosen]["candidate"]) == [names[1], names[1]]
+    # a finished run of a recorded point replaces its record
+    rerun = table.copy()
+    rerun.loc[0, "test/map@r"] = 0.9
+    mixed = study.search_results(rerun.iloc[:1], recorded=recorded)
+    assert len(mixed) == len(full) and mixed.loc[mixed.point == "p0-00000000", "val_map@r"].item() == 0.9
+    # a table that does not name its points and the code that measured them stands for nothing
+    full.drop(columns="code").to_csv(tmp_path / "old.csv", index=False)
+    assert study.recorded_points(tmp_path / "old.csv").empty
+    assert study.recorded_points(tmp_path / "absent.csv").empty
+    (tmp_path / "bad.csv").write_bytes(b"\x00\xff\"unterminated")
+    with pytest.raises(ValueError, match="bad.csv"):
+        study.recorded_points(tmp_path / "bad.csv")
 
 
 def test_search_points_never_touch_the_test_classes():
