@@ -11,6 +11,11 @@ run directory per point; re-running skips finished points), then measures every 
 - ``OUT/figures/``      PNG and interactive HTML figures,
 - ``OUT/budget.json``   wall time of every part.
 
+Finished points are reused: those whose run directory says ``ok`` and, where the run
+directories are not on this machine (they are not committed), the rows of the committed
+``runs.csv`` / ``search.csv`` that name the same point (its digest, :func:`dmlnb.sweep.point_digest`)
+and the commit that measured it (:func:`recorded_points`).
+
 The grid (:func:`study_grid`): baseline vs SSR for the margin and the multi-similarity loss on the
 glyphs, 5 seeds each, with the package's default budget for every run; ablations of gamma, p, N,
 nested vs independent views and the families on the margin loss with 2 seeds; the headline
@@ -243,7 +248,8 @@ def paired_comparison(
     """Each SSR setting minus the baseline per metric, paired by seed, for each group of ``by``.
 
     Rows with ``setting == "baseline"`` are compared with the rows of every other trained setting
-    (``ssr``, ``ssr, <field>=<value>``; not ``untrained``) that shares at least 2 seeds.
+    (``ssr``, ``ssr, <field>=<value>``; not ``untrained``) that shares at least 2 seeds (trained
+    on the same CPU model, :data:`CPU_COLUMN`, where the table says).
     Columns: the group, ``setting``, ``metric``, ``n`` (paired seeds), ``baseline``, ``ssr``
     (means), ``diff`` (mean of the paired differences), ``diff_std``, ``t_p`` (two-sided paired
     t-test), ``wilcoxon_p`` (two-sided exact signed-rank test; with 5 seeds the smallest possible
@@ -258,6 +264,8 @@ def paired_comparison(
         for setting in sorted(others, key=lambda x: (x != "ssr", x)):
             ssr = group[group.setting == setting].set_index("seed")
             seeds = sorted(set(base.index) & set(ssr.index))
+            if CPU_COLUMN in group.columns:  # an exact pair trained on one CPU model
+                seeds = [s for s in seeds if str(base.loc[s, CPU_COLUMN]) == str(ssr.loc[s, CPU_COLUMN])]
             if len(seeds) < 2:
                 continue
             for m in metrics:
@@ -399,7 +407,8 @@ def analyze(out: Path, table: pd.DataFrame, budget: dict[str, Any], *, quick: bo
     reference = _untrained_rows(out, runs, quick)
     budget["untrained_s"] = round(time.perf_counter() - t2, 1)
     runs = pd.concat([runs, reference], ignore_index=True)
-    first = [c for c in ("point", "status", "setting", *IDENTITY, CODE_COLUMN) if c in runs.columns]
+    first = [c for c in ("point", "status", "setting", *IDENTITY, CODE_COLUMN, CPU_COLUMN)
+             if c in runs.columns]
     runs = runs[first + [c for c in runs.columns if c not in first]]
     runs.to_csv(out / "runs.csv", index=False)
 
@@ -423,7 +432,16 @@ def analyze(out: Path, table: pd.DataFrame, budget: dict[str, Any], *, quick: bo
 
 
 def _fill_identity(row: dict[str, Any], run_dir: Path) -> None:
-    """The :data:`IDENTITY` columns a grid left out, from the run's own ``config.json``."""
+    """The :data:`IDENTITY` columns a grid left out, from the run's own ``config.json``, and
+    :data:`CPU_COLUMN`, from its ``summary.json`` (a run from before CPUs were recorded: this
+    machine's, where its run directory is)."""
+    from dmlnb.train import cpu_model
+
+    try:
+        versions = json.loads((run_dir / "summary.json").read_text()).get("versions") or {}
+    except (OSError, ValueError, AttributeError):
+        versions = {}
+    row[CPU_COLUMN] = versions.get("cpu") or cpu_model()
     try:
         config = json.loads((run_dir / "config.json").read_text())
     except (OSError, ValueError):
@@ -537,6 +555,8 @@ def _points_without_static_figures() -> Iterator[None]:
 
 #: the column of runs.csv and search.csv naming the package commit that measured a row
 CODE_COLUMN = "code"
+#: the column naming the CPU model a run trained on: runs are exact pairs only on one model
+CPU_COLUMN = "cpu"
 
 
 def recorded_points(path: str | Path) -> pd.DataFrame:
@@ -642,6 +662,10 @@ _UNTRAINED_FIELDS = ("dataset_options", "batch_size", "samples_per_class", "back
                      "image_size", "channels_last")
 
 
+#: measures every untrained reference must have: a cached one without them predates them
+_UNTRAINED_MEASURES = ("map@r", "view_tau_metric", "spread", "rho", "density_ratio", "orig_r1_level1")
+
+
 def _untrained_rows(out: Path, table: pd.DataFrame, quick: bool) -> pd.DataFrame:
     """One reference row per (dataset, backbone, seed) of the grid: the network before training
     (for a pretrained backbone: its ImageNet weights with freshly initialised heads)."""
@@ -672,9 +696,8 @@ def _untrained_rows(out: Path, table: pd.DataFrame, quick: bool) -> pd.DataFrame
         stem = f"{r['dataset']}-seed{int(r['seed'])}" if backbone == _DEFAULTS["backbone"] else \
             f"{r['dataset']}-{backbone}-seed{int(r['seed'])}"
         cache = cache_dir / f"{stem}.json"
-        if cache.exists():
-            result = json.loads(cache.read_text())
-        else:
+        result = json.loads(cache.read_text()) if cache.exists() else {}
+        if not set(_UNTRAINED_MEASURES) <= set(result):  # absent, or from before a measure existed
             result = measure_untrained(config, int(r["seed"]))
             write_json(cache, result)
         for loss in sorted(set(table[table.dataset == r["dataset"]]["loss"])):

@@ -182,11 +182,26 @@ def _lr_factor(cfg: TrainConfig, total_steps: int):
 
 
 # --- the run --------------------------------------------------------------------------------------
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; else the platform's processor or machine name).
+
+    Recorded with every run: the same seed gives the same numbers on one CPU model, but another
+    model (other BLAS and convolution kernels) rounds differently, and training drifts apart."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "?"
+
+
 def _versions() -> dict[str, str]:
     import dmlnb
 
     out = {"python": platform.python_version(), "torch": torch.__version__,
-           "numpy": np.__version__, "dmlnb": dmlnb.__version__}
+           "numpy": np.__version__, "dmlnb": dmlnb.__version__, "cpu": cpu_model()}
     try:
         import torchvision
 

@@ -144,6 +144,61 @@ def test_any_tile_order_gives_the_same_lists(data):
         symmetric_topk(x, 9, tile=tile, _order=pairs[1:])
 
 
+@pytest.mark.parametrize("data", ["gaussian", "ties"])
+def test_lists_are_exact_to_their_depth_in_any_tile_order(data):
+    # a list read only to depth d (R_q for R-Precision and MAP@R) keeps its d-th similarity as
+    # threshold: those entries stay exact, whatever the tiles' order and workers
+    x, y = gaussian(1300, 16, 300, seed=18) if data == "gaussian" else ties(500, 4, 6, seed=19)
+    tile = 300 if data == "gaussian" else 90
+    k = 9
+    ref_s, ref_i = brute_force(x, k)
+    depth = np.random.default_rng(20).integers(1, k + 1, size=len(x))
+    depth[:5] = k
+    s_star, j_star, _ = best_relevant(x, y)
+    want_c = symmetric_topk(x, k, tile=tile, workers=1, first_hit=(s_star, j_star, 60))[2]
+    t = len(nb._tile_bounds(len(x), tile)) - 1
+    pairs = [(i, j) for i in range(t) for j in range(i, t)]
+    inside = np.arange(k) < depth[:, None]
+    # any grouping gives a valid floor (the depth-th largest of a subset); groups of 7 give many
+    floor = nb.class_floor(x, np.arange(len(x)) // 7, depth)
+    assert np.isfinite(floor).mean() > 0.5
+    for order, fl in ((None, None), (None, floor), (pairs[::-1], floor)):
+        for workers in (1, 3):
+            s, i, c = symmetric_topk(x, k, tile=tile, workers=workers, _order=order, depth=depth,
+                                     first_hit=(s_star, j_star, 60), floor=fl)
+            np.testing.assert_array_equal(np.where(inside, i, -1), np.where(inside, ref_i, -1))
+            np.testing.assert_array_equal(np.where(inside, bits(s), 0), np.where(inside, bits(ref_s), 0))
+            np.testing.assert_array_equal(np.minimum(c, 60), np.minimum(want_c, 60))
+    for bad in (depth[:-1], np.zeros_like(depth), depth + k, depth.astype(float)):
+        with pytest.raises(ValueError, match="depth"):
+            symmetric_topk(x, k, tile=tile, depth=bad)
+    with pytest.raises(ValueError, match="floor"):
+        symmetric_topk(x, k, tile=tile, floor=floor.astype(np.float64))
+
+
+def test_class_floor_bounds_the_depth_th_similarity_from_the_class():
+    x, y = sizes_1_2_and_large(seed=21)
+    x = x * np.float32(3.0)  # not normalised: the rounding margin scales with the norms
+    n, d = x.shape
+    s = x.astype(np.float64) @ x.T.astype(np.float64)
+    np.fill_diagonal(s, -np.inf)
+    depth = np.random.default_rng(22).integers(1, 6, size=n)
+    floor = nb.class_floor(x, y, depth)
+    assert floor.dtype == np.float32
+    sizes = np.bincount(y)[y]
+    for i in range(n):
+        mates = np.sort(s[i, y == y[i]])[::-1]  # itself is -inf, last
+        if sizes[i] - 1 < depth[i] or sizes[i] > nb.FLOOR_MAX_CLASS:
+            assert floor[i] == -np.inf
+            continue
+        want = mates[depth[i] - 1]
+        # below the class mate's similarity by at most the rounding margin, and below the
+        # depth-th similarity among all items (what the list's entries must reach)
+        margin = 2 * d * 2.0**-24 * np.linalg.norm(x[i]) * np.linalg.norm(x, axis=1).max() * 1.01
+        assert want - 2 * margin <= floor[i] <= want
+        assert floor[i] <= np.sort(s[i])[::-1][depth[i] - 1]
+
+
 def test_knn_default_uses_symmetric_search_beyond_one_tile(monkeypatch):
     x, _ = gaussian(700, 16, 100, seed=4)
     calls = []

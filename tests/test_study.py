@@ -263,3 +263,24 @@ def test_paired_comparison_compares_every_setting_with_the_baseline():
     out = study.paired_comparison(pd.concat([table, extra]), ["map@r"])
     assert list(out["setting"]) == ["ssr", "ssr, ssr_weight=2"]
     assert out.iloc[1]["diff"] == pytest.approx(out.iloc[0]["diff"] - 0.1)
+
+
+def test_paired_comparison_pairs_only_runs_of_one_cpu_model():
+    table = _table(0.05)
+    table["cpu"] = "Intel Xeon"
+    out = study.paired_comparison(table, ["map@r"])
+    assert out.iloc[0]["n"] == 5
+    # the SSR runs of seeds 3 and 4 trained on another CPU model: not exact pairs
+    table.loc[(table.setting == "ssr") & (table.seed >= 3), "cpu"] = "AMD EPYC"
+    out = study.paired_comparison(table, ["map@r"])
+    assert out.iloc[0]["n"] == 3
+    d = table.pivot(index="seed", columns="setting", values="map@r").loc[[0, 1, 2]]
+    assert out.iloc[0]["diff"] == pytest.approx((d["ssr"] - d["baseline"]).mean())
+
+
+def test_cpu_model_names_this_machine():
+    from dmlnb.train import _versions, cpu_model
+
+    name = cpu_model()
+    assert isinstance(name, str) and name and name != "?"
+    assert _versions()["cpu"] == name

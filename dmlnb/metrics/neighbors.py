@@ -56,7 +56,11 @@ instead of n^2. The results are those of the per-row search, bit for bit:
   with the columns' thresholds and the groups' smallest row threshold, and only the cells that
   pass are read again, element by element. A threshold is a lower bound of its list's final
   k-th similarity (its current k-th; for a list's first tile, the k-th largest of maxima over
-  disjoint sets of the tile's rows), so nothing that belongs to a list is filtered out.
+  disjoint sets of the tile's rows), so nothing that belongs to a list is filtered out. Where
+  the caller reads only a list's first d entries (R-Precision and MAP@R read R_q of them), its
+  d-th similarity is the threshold, and from the first tile on, the d-th largest similarity to
+  the item's own class (:func:`class_floor`, less a rounding margin) bounds it from below: with
+  trained embeddings class mates are near, so few candidates reach the lists' merges.
 - Recall@K beyond the lists (:mod:`dmlnb.metrics.retrieval`): with each item's best same-class
   similarity s* and that item j* computed first (class-sorted blocks), the search counts the
   items ranked before j* (similarity above s*, or equal with a lower index), exactly up to the
@@ -248,40 +252,89 @@ def _unsortable(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return b.view(np.float32), _INDEX_TOP - (low >> 1)
 
 
-def best_relevant(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """Each item's largest similarity to another item of its class, and that item's index.
+def _class_bands(x: np.ndarray, labels: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The similarities of every item to the other items of its class, in bands.
 
     Items sorted by class (stable, so by index within a class); blocks of ``_BAND_ROWS`` of them
-    times the items of their classes, each a BLAS product of the per-row search's kind. Returns
-    ``s_star`` (float32, -inf for a lone item), ``j_star`` (int64, the lowest index among equal
-    maxima; n for a lone item) and the work done, in multiply-adds per dimension.
+    times the items of their classes, each a BLAS product of the per-row search's kind. Yields
+    ``(rows, cols, prod)``: the band's items and the items of its classes (indices into ``x``, in
+    class order) and their similarities, ``-inf`` outside a row's class and on the row itself.
     """
-    n = x.shape[0]
     order = np.argsort(labels, kind="stable")
     ys = labels[order]
     _, first, counts = np.unique(ys, return_index=True, return_counts=True)
     cls = np.repeat(np.arange(len(first)), counts)
     cs, ce = first[cls], first[cls] + counts[cls]
-    s_sorted = np.full(n, -np.inf, dtype=np.float32)
-    j_sorted = np.full(n, n, dtype=np.int64)
-    bounds = _tile_bounds(n, _BAND_ROWS)
-    work = 0.0
+    bounds = _tile_bounds(len(labels), _BAND_ROWS)
     for p0, p1 in zip(bounds[:-1], bounds[1:], strict=True):
         lo, hi = cs[p0], ce[p1 - 1]
         prod = np.matmul(x[order[p0:p1]], x[order[lo:hi]].T)  # copies: never numpy's syrk
-        work += float(p1 - p0) * float(hi - lo)
         col = np.arange(lo, hi)
         rows = np.arange(p0, p1)[:, None]
         member = (col >= cs[p0:p1, None]) & (col < ce[p0:p1, None]) & (col != rows)
         prod[~member] = -np.inf
+        yield order[p0:p1], order[lo:hi], prod
+
+
+def best_relevant(x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """Each item's largest similarity to another item of its class, and that item's index.
+
+    Computed in class bands (:func:`_class_bands`). Returns ``s_star`` (float32, -inf for a lone
+    item), ``j_star`` (int64, the lowest index among equal maxima; n for a lone item) and the
+    work done, in multiply-adds per dimension.
+    """
+    n = x.shape[0]
+    s_star = np.full(n, -np.inf, dtype=np.float32)
+    j_star = np.full(n, n, dtype=np.int64)
+    work = 0.0
+    for rows, cols, prod in _class_bands(x, labels):
+        work += float(prod.size)
         at = prod.argmax(axis=1)  # first maximum: the lowest index (ascending within a class)
-        best = prod[np.arange(p1 - p0), at]
-        s_sorted[p0:p1] = best
-        j_sorted[p0:p1] = np.where(best > -np.inf, order[lo + at], n)
-    s_star = np.empty_like(s_sorted)
-    j_star = np.empty_like(j_sorted)
-    s_star[order], j_star[order] = s_sorted, j_sorted
+        best = prod[np.arange(len(rows)), at]
+        s_star[rows] = best
+        j_star[rows] = np.where(best > -np.inf, cols[at], n)
     return s_star, j_star, work
+
+
+#: classes larger than this get no floor from :func:`class_floor` (its products grow as size^2)
+FLOOR_MAX_CLASS = 64
+
+
+def class_floor(x: np.ndarray, labels: np.ndarray, depth: np.ndarray) -> np.ndarray:
+    """A lower bound of each item's ``depth``-th largest similarity to the other items, from its
+    own class: the ``depth[i]``-th largest similarity of item i to its class mates (its list's
+    first ``depth[i]`` entries can be no less similar), less the largest difference between two
+    float32 computations of a dot product, ``2 gamma_d |x_i| max_j |x_j|`` with
+    ``gamma_d = d u / (1 - d u)``, ``u = 2^-24`` (Higham, Accuracy and Stability of Numerical
+    Algorithms, 2002, eq. 3.5), so that it bounds the search's own values whatever product
+    computed them. ``-inf`` where the class has fewer than ``depth[i]`` other items or more than
+    :data:`FLOOR_MAX_CLASS` items. For :func:`symmetric_topk`'s ``floor``: with trained
+    embeddings class mates are among the nearest items, so the lists start near their final
+    thresholds and fewer candidates reach them.
+    """
+    n, d = x.shape
+    floor = np.full(n, -np.inf, dtype=np.float64)
+    order = np.argsort(labels, kind="stable")
+    _, first, counts = np.unique(labels[order], return_index=True, return_counts=True)
+    for size in np.unique(counts):
+        if size < 2 or size > FLOOR_MAX_CLASS:
+            continue
+        starts = first[counts == size]
+        items = order[starts[:, None] + np.arange(size)]  # [classes, size]
+        v = x[items]
+        sims = np.matmul(v, v.transpose(0, 2, 1))  # [classes, size, size]
+        sims[:, np.arange(size), np.arange(size)] = -np.inf
+        ranked = -np.sort(-sims, axis=2)  # each item's class mates, most similar first
+        dep = depth[items]
+        ok = dep <= size - 1
+        pick = np.take_along_axis(ranked, np.minimum(dep, size - 1)[..., None] - 1, axis=2)[..., 0]
+        floor[items[ok]] = pick[ok]
+    u = 2.0**-24
+    gamma = d * u / (1 - d * u)
+    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    floor -= 2 * gamma * norms * (norms.max() if n else 0.0)
+    out = floor.astype(np.float32)
+    return np.nextafter(out, np.float32(-np.inf), where=np.isfinite(out), out=out)
 
 
 def best_relevant_work(labels: np.ndarray) -> float:
@@ -297,8 +350,11 @@ def best_relevant_work(labels: np.ndarray) -> float:
 class _Lists:
     """The k best keys of every item's list (descending), their k-th value, first-hit counts."""
 
-    def __init__(self, n: int, k: int, first_hit: tuple[np.ndarray, np.ndarray, int] | None):
+    def __init__(self, n: int, k: int, first_hit: tuple[np.ndarray, np.ndarray, int] | None,
+                 depth: np.ndarray | None = None, floor: np.ndarray | None = None):
         self.k = k
+        # the position in each list whose key is its threshold: k - 1, or depth - 1
+        self.last = None if depth is None else depth.astype(np.int64) - 1
         self.keys = np.full((n, k), _INT64_MIN, dtype=np.int64)
         self.kth_key = np.full(n, _INT64_MIN, dtype=np.int64)
         self.kth_val = np.full(n, -np.inf, dtype=np.float32)
@@ -307,20 +363,26 @@ class _Lists:
             self.s_star, self.j_star, self.cap = first_hit
             self.active = self.s_star > -np.inf
             self.count = np.zeros(n, dtype=np.int64)
+        # a lower bound of each list's final threshold known before any tile (class_floor)
+        self.floor = np.full(n, -np.inf, dtype=np.float32) if floor is None else floor
         # threshold: a candidate below it can neither enter the list nor precede the first
         # relevant item (while that is still being counted)
-        self.thr = self.kth_val.copy()
+        self.thr = self.bound(self.kth_val, slice(0, n))
+        # lists that have taken a tile's candidates (the others need a bound from their first tile)
+        self.seen = np.zeros(n, dtype=bool)
+
+    def bound(self, kth: np.ndarray, at) -> np.ndarray:
+        """The threshold of lists ``at`` whose k-th (or depth-th) similarity is at least ``kth``."""
+        cut = np.maximum(kth, self.floor[at])
+        if self.counting:
+            cut = np.where(self.active[at], np.minimum(cut, self.s_star[at]), cut)
+        return cut
 
     def refresh(self, lo: int, hi: int) -> None:
         if self.counting:
             self.active[lo:hi] &= self.count[lo:hi] < self.cap
-            self.thr[lo:hi] = np.where(
-                self.active[lo:hi],
-                np.minimum(self.kth_val[lo:hi], self.s_star[lo:hi]),
-                self.kth_val[lo:hi],
-            )
-        else:
-            self.thr[lo:hi] = self.kth_val[lo:hi]
+        self.thr[lo:hi] = self.bound(self.kth_val[lo:hi], slice(lo, hi))
+        self.seen[lo:hi] = True
 
     def take(self, owner: np.ndarray, other: np.ndarray, v: np.ndarray, lo: int, hi: int) -> None:
         """Offer candidates (list ``owner``, item ``other``, similarity ``v``); owners in [lo, hi)."""
@@ -363,7 +425,7 @@ class _Lists:
             at = lo + rows
         best = merged[:, : -k - 1 : -1]
         self.keys[at] = best
-        kth = best[:, -1]
+        kth = best[:, -1] if self.last is None else best[np.arange(len(best)), self.last[at]]
         self.kth_key[at] = kth
         self.kth_val[at] = np.where(kth == _INT64_MIN, np.float32(-np.inf), _unsortable(kth)[0])
 
@@ -374,6 +436,8 @@ def symmetric_topk(
     *,
     tile: int | None = None,
     first_hit: tuple[np.ndarray, np.ndarray, int] | None = None,
+    depth: np.ndarray | None = None,
+    floor: np.ndarray | None = None,
     group: int | None = None,
     workers: int | None = None,
     _order: list[tuple[int, int]] | None = None,
@@ -385,8 +449,14 @@ def symmetric_topk(
     per-row search. With ``first_hit = (s_star, j_star, cap)`` (from :func:`best_relevant`),
     ``count[i]`` is the number of items ranked before item ``j_star[i]`` in row i (similarity
     above ``s_star[i]``, or equal with a lower index), exact below ``cap`` (at least ``cap``
-    otherwise); else ``count`` is None. Raises :class:`NotReproducibleError` if the BLAS gave a
-    checked pair another value than a per-row block does (the caller then searches per row).
+    otherwise); else ``count`` is None. With ``depth`` (int [n], each in 1..k), only the first
+    ``depth[i]`` entries of list i are exact (the rest hold similar items, not necessarily the
+    right ones): a list whose metrics read fewer than k entries (R-Precision and MAP@R read R_i)
+    keeps a higher threshold, and fewer candidates reach it. ``floor`` (float32 [n]): a lower
+    bound of each list's final k-th (or ``depth``-th) similarity known beforehand
+    (:func:`class_floor`), the lists' thresholds from the first tile on. Raises :class:`NotReproducibleError`
+    if the BLAS gave a checked pair another value than a per-row block does (the caller then
+    searches per row).
 
     Per tile pair (I, J): the product ``[|I|, |J|]`` (rows of I ordered by their threshold) in
     slabs of rows; while a slab is in cache, the max over each group of ``group`` rows, a
@@ -411,7 +481,15 @@ def symmetric_topk(
         pairs = list(_order)
     nw = max(1, min(torch.get_num_threads() if workers is None else workers, len(pairs)))
     size = int(np.diff(bounds).max())
-    lists = _Lists(n, k, first_hit)
+    if depth is not None:
+        depth = np.asarray(depth)
+        if depth.shape != (n,) or depth.dtype.kind not in "iu" or n and (depth.min() < 1 or depth.max() > k):
+            raise ValueError(f"depth must hold {n} integers in 1..k={k}")
+    if floor is not None:
+        floor = np.asarray(floor)
+        if floor.shape != (n,) or floor.dtype != np.float32:
+            raise ValueError(f"floor must be float32 of shape ({n},)")
+    lists = _Lists(n, k, first_hit, depth, floor)
     probe = np.unique(np.linspace(0, n - 1, min(n, _PROBE_ROWS)).astype(np.int64))
     with blas_threads_like_torch(len(probe) * n * x.shape[1]):
         probe_sims = np.matmul(x[probe], x.T)  # a per-row block: what the per-row search computes
@@ -477,10 +555,10 @@ def symmetric_topk(
         mc = mc_buf[: ng * bj].reshape(ng, bj)
         cand = cand_buf[: ng * bj].reshape(ng, bj)
         f_col = lists.thr[c0:c1].copy()
-        empty = np.flatnonzero(lists.kth_key[c0:c1] == _INT64_MIN)
+        # lists that have not taken a tile yet (their threshold: at most their class floor)
+        empty = np.flatnonzero(~lists.seen[c0:c1])
         # rows whose list is still empty (only while the tile that fills them is in flight)
-        empty_rows = (np.flatnonzero(lists.kth_key[perm] == _INT64_MIN) if i_t != j_t
-                      else empty[:0])
+        empty_rows = (np.flatnonzero(~lists.seen[perm]) if i_t != j_t else empty[:0])
         # a list's first tile (empty...): its threshold comes from the whole tile, so the tile is
         # reduced first and searched after; otherwise each slab is searched while in cache
         fused = len(empty) == 0 and len(empty_rows) == 0
@@ -597,18 +675,11 @@ def symmetric_topk(
                 q = ng // m
                 sup = np.max(mc[: q * m].reshape(m, q, bj), axis=1)
                 bound = np.partition(sup.T[empty], m - k, axis=1)[:, m - k]
-                cut = np.maximum(lists.kth_val[c0 + empty], bound)
-                if lists.counting:
-                    act = lists.active[c0 + empty]
-                    cut = np.where(act, np.minimum(cut, lists.s_star[c0 + empty]), cut)
-                f_col[empty] = cut
+                f_col[empty] = lists.bound(np.maximum(lists.kth_val[c0 + empty], bound), c0 + empty)
             if len(empty_rows) and bj >= k:  # such a row's k-th best in this tile
                 bound = np.partition(s[empty_rows], bj - k, axis=1)[:, bj - k]
-                cut = np.maximum(lists.kth_val[perm[empty_rows]], bound)
-                if lists.counting:
-                    act = lists.active[perm[empty_rows]]
-                    cut = np.where(act, np.minimum(cut, lists.s_star[perm[empty_rows]]), cut)
-                f_row2.reshape(-1)[empty_rows] = cut
+                at = perm[empty_rows]
+                f_row2.reshape(-1)[empty_rows] = lists.bound(np.maximum(lists.kth_val[at], bound), at)
                 f_grp = f_row2.min(axis=1)
             collect(0, ng)
         with lock:

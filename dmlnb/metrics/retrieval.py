@@ -56,6 +56,7 @@ from dmlnb.metrics.neighbors import (
     best_relevant,
     best_relevant_work,
     blas_threads_like_torch,
+    class_floor,
     iter_similarity_blocks,
     symmetric_applicable,
     symmetric_topk,
@@ -218,11 +219,14 @@ def retrieval_scores(
     positions = torch.arange(k_top, device=dev)
     ranks = torch.arange(1, r_max + 1, device=dev, dtype=torch.float64)
 
-    def score(start: int, idx: torch.Tensor, beyond) -> None:
-        """Scores of queries start.. from their neighbour lists ``idx`` [block, k_top];
-        ``beyond(todo)``: exact first-hit positions of block rows whose list has no hit."""
+    def score(start: int, idx: torch.Tensor, beyond, depth: torch.Tensor | None = None) -> None:
+        """Scores of queries start.. from their neighbour lists ``idx`` [block, k_top], exact in
+        their first ``depth`` entries (default: all); ``beyond(todo)``: exact first-hit
+        positions of block rows whose list has no hit."""
         stop = start + idx.shape[0]
         rel = yr[idx] == yq[start:stop, None]  # [block, k_top]
+        if depth is not None:
+            rel &= positions[None, :] < depth[start:stop, None]
         pos = torch.where(rel, positions, k_top).min(dim=1).values
         hit = pos < k_top
         fh = torch.where(hit, pos, no_hit)
@@ -242,15 +246,18 @@ def retrieval_scores(
     lists = None
     if symmetric and not leave_one_out:
         raise ValueError("symmetric=True is for leave-one-out search (reference=None)")
+    # the entries of each list its scores read: R_q for R-Precision and MAP@R, and the first
+    # hit's position up to max(ks) (all k_top while first hits beyond the lists are counted)
+    depth = None if counting else torch.clamp(rq.cpu(), min=k_recall, max=k_top)
     if leave_one_out and symmetric is not False:
         lists = _symmetric_lists(q, yq, k_top, k_recall if counting else None, chunk_size,
-                                 require=bool(symmetric))
+                                 require=bool(symmetric), depth=depth)
     if lists is not None:
         idx_all, count = lists
         block = min(n, chunk_size or auto_chunk_size(n_r, q.element_size()))
         for start in range(0, n, block):
             score(start, idx_all[start : start + block],
-                  lambda todo, start=start: count[todo + start])
+                  lambda todo, start=start: count[todo + start], depth)
     else:
         members = ClassMembers(yr, yq) if counting else None
         with blas_threads_like_torch(n * n_r * q.shape[1]):
@@ -276,9 +283,11 @@ def _symmetric_lists(
     tile: int | None,
     *,
     require: bool,
+    depth: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """Leave-one-out neighbour lists [n, k] (and first-hit counts when ``cap``) by the symmetric
     search, or None where it does not apply (or where its canary falls back to per-row blocks).
+    ``depth``: the entries of each list that must be exact (:func:`symmetric_topk`).
 
     With ``cap`` (some K beyond the lists), each item's best same-class similarity is computed
     first (:func:`dmlnb.metrics.neighbors.best_relevant`), so that the search can count the items
@@ -301,12 +310,17 @@ def _symmetric_lists(
         return None
     xs = x.numpy()
     first = None
-    if cap is not None:
-        with blas_threads_like_torch(best_relevant_work(y) * x.shape[1]):
+    wanted = np.full(n, k, dtype=np.int64) if depth is None else depth.numpy()
+    with blas_threads_like_torch(best_relevant_work(y) * x.shape[1]):
+        floor = class_floor(xs, y, wanted)  # the lists' thresholds from their own classes
+        if cap is not None:
             s_star, j_star, _ = best_relevant(xs, y)
-        first = (s_star, j_star, cap)
+            first = (s_star, j_star, cap)
     try:
-        _, idx, count = symmetric_topk(xs, k, tile=tile, first_hit=first)
+        _, idx, count = symmetric_topk(xs, k, tile=tile, first_hit=first, floor=floor,
+                                       depth=None if depth is None else wanted)
+        if depth is not None:  # entries beyond a list's depth are never read: a valid index there
+            idx = np.where(np.arange(k) < depth.numpy()[:, None], idx, idx[:, :1])
     except NotReproducibleError as e:
         if require:
             raise RuntimeError(f"symmetric search not reproducible with this BLAS: {e}") from e

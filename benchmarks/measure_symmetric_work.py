@@ -1,0 +1,102 @@
+"""What the symmetric leave-one-out search spends beyond its products, on the SOP-sized input of
+``bench_metrics.py`` (60,502 x 128, classes of 2-12, k = 11 = the largest R_q).
+
+Prints, for three forms of :func:`dmlnb.metrics.neighbors.symmetric_topk`:
+
+- ``full``: every list exact to k entries (as before per-list depths);
+- ``depth``: list i exact to its first R_i entries (what R-Precision and MAP@R read);
+- ``depth+floor``: the same, with each list's threshold bounded from the first tile on by its
+  class mates (:func:`dmlnb.metrics.neighbors.class_floor`, what ``evaluate`` does);
+
+the candidates that reach the lists' merges (deterministic: the work the filters let through),
+whether the lists agree within their depths, and wall times with 1 and 2 workers next to the
+full product (the floor of ``bench_metrics.py``: blocks of 4,096 rows against all rows) with as
+many BLAS threads, alternating, ``--repeat`` times. Wall times on a shared machine vary: read
+them pairwise.
+
+Usage::
+
+    .venv/bin/python benchmarks/measure_symmetric_work.py --repeat 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_metrics import FLOOR_BLOCK, make_data  # noqa: E402
+
+from dmlnb.metrics import neighbors as nb  # noqa: E402
+
+
+def floor_product(x: np.ndarray, threads: int) -> float:
+    from threadpoolctl import threadpool_limits
+
+    buf = np.empty((FLOOR_BLOCK, len(x)), np.float32)
+    buf.fill(0)  # touch the pages before timing
+    with threadpool_limits(threads):
+        t = time.perf_counter()
+        for i in range(0, len(x), FLOOR_BLOCK):
+            np.matmul(x[i:i + FLOOR_BLOCK], x.T, out=buf[: min(FLOOR_BLOCK, len(x) - i)])
+        return time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="sop")
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+    x, y = make_data(args.size)
+    r = np.bincount(y)[y] - 1
+    k = int(r.max())
+    depth = np.clip(r, 1, k)
+    floor = nb.class_floor(x, y, depth)
+    print(f"# {args.size}: n={len(x)}, k={k}, mean depth {depth.mean():.2f}; "
+          f"class floor finite for {np.isfinite(floor).mean():.1%}; load {os.getloadavg()[0]:.2f}")
+
+    counted = {"n": 0}
+    take = nb._Lists.take
+
+    def counting_take(self, owner, other, v, lo, hi):
+        counted["n"] += len(owner)
+        return take(self, owner, other, v, lo, hi)
+
+    forms = {"full": (None, None), "depth": (depth, None), "depth+floor": (depth, floor)}
+    inside = np.arange(k) < depth[:, None]
+    reference = None
+    nb._Lists.take = counting_take
+    try:
+        for name, (d, f) in forms.items():
+            counted["n"] = 0
+            torch.set_num_threads(1)
+            _, idx, _ = nb.symmetric_topk(x, k, depth=d, floor=f, workers=1)
+            same = "-" if reference is None else str(
+                np.array_equal(np.where(inside, idx, -1), np.where(inside, reference, -1)))
+            reference = idx if reference is None else reference
+            print(f"{name:12s} candidates {counted['n']:>10,d}  same lists within depth: {same}")
+    finally:
+        nb._Lists.take = take
+
+    print("| run | workers | symmetric (depth+floor) s | full product s | ratio | load |")
+    print("|---|---|---|---|---|---|")
+    for rep in range(1, args.repeat + 1):
+        for workers in (1, 2):
+            torch.set_num_threads(workers)
+            load = os.getloadavg()[0]
+            t = time.perf_counter()
+            nb.symmetric_topk(x, k, depth=depth, floor=floor, workers=workers)
+            s = time.perf_counter() - t
+            f = floor_product(x, workers)
+            print(f"| {rep} | {workers} | {s:.2f} | {f:.2f} | {s / f:.3f} | {load:.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
