@@ -253,7 +253,8 @@ def paired_comparison(
     Columns: the group, ``setting``, ``metric``, ``n`` (paired seeds), ``baseline``, ``ssr``
     (means), ``diff`` (mean of the paired differences), ``diff_std``, ``t_p`` (two-sided paired
     t-test), ``wilcoxon_p`` (two-sided exact signed-rank test; with 5 seeds the smallest possible
-    value is 0.0625, so it can never reach 0.05).
+    value is 0.0625, so it can never reach 0.05). A metric missing or infinite in any of the
+    pairs (rho of a rank-deficient embedding) is left out for that setting.
     """
     from scipy import stats
 
@@ -273,8 +274,8 @@ def paired_comparison(
                     continue
                 a = pd.to_numeric(base.loc[seeds, m], errors="coerce").to_numpy(dtype=float)
                 b = pd.to_numeric(ssr.loc[seeds, m], errors="coerce").to_numpy(dtype=float)
-                if np.isnan(a).any() or np.isnan(b).any():
-                    continue
+                if not (np.isfinite(a).all() and np.isfinite(b).all()):
+                    continue  # missing, or infinite (rho of a rank-deficient embedding)
                 d = b - a
                 t_p = float(stats.ttest_rel(b, a).pvalue) if d.std() > 0 else float("nan")
                 w_p = float(stats.wilcoxon(b, a).pvalue) if np.any(d != 0) else float("nan")

@@ -284,3 +284,11 @@ def test_cpu_model_names_this_machine():
     name = cpu_model()
     assert isinstance(name, str) and name and name != "?"
     assert _versions()["cpu"] == name
+
+
+def test_paired_comparison_leaves_out_infinite_values():
+    table = _table(0.05)
+    table["rho"] = 0.3
+    table.loc[table.seed == 2, "rho"] = np.inf  # a rank-deficient embedding
+    out = study.paired_comparison(table, ["map@r", "rho"])
+    assert list(out["metric"]) == ["map@r"]
