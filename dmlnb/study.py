@@ -606,8 +606,11 @@ def _run_unrecorded(notebook: str | Path, grid: Sequence[dict[str, Any]], sweep_
         print(f"study: {len(points) - len(todo)} of {len(points)} points of {sweep_out} are "
               "recorded in the study's tables (their run directories are not needed)", flush=True)
     if todo:
+        # run_sweep expands what it is given: a list value of a point (ssr_families) is one
+        # value, not an axis, so it goes in as a one-value axis and the sweep names the same point
+        axes = [{k: [v] if isinstance(v, (list, tuple)) else v for k, v in p.items()} for p in todo]
         with _points_without_static_figures():
-            run_sweep(notebook, todo, sweep_out, **sweep)
+            run_sweep(notebook, axes, sweep_out, **sweep)
 
 
 def _code_version() -> str:

@@ -94,12 +94,16 @@ def test_intraclass_measures_on_glyphs():
 
 @pytest.mark.slow
 def test_miniature_study_end_to_end(tmp_path):
+    # ssr_families: a list value (one value, not an axis; here the default), one point throughout
     grid = [{"quiet": True, "epochs": 1, "steps_per_epoch": 2, "dataset_options": {"max_per_class": 12},
-             "dataset": "glyphs", "loss": "margin", "ssr": [False, True], "seed": [0, 1]}]
+             "dataset": "glyphs", "loss": "margin", "ssr": [False, True], "seed": [0, 1],
+             "ssr_families": [["crop", "perspective", "color"]]}]
     result = study.run_study(tmp_path, jobs=2, grid=grid, progress=False)
     runs = pd.read_csv(tmp_path / "runs.csv")
     assert set(runs.setting) == {"baseline", "ssr", "untrained"}
     assert (runs.status == "ok").all() and runs["map@r"].between(0, 1).all()
+    params = [json.loads(f.read_text()) for f in (tmp_path / "runs").glob("*/params.json")]
+    assert len(params) == 4 and all(p["ssr_families"] == ["crop", "perspective", "color"] for p in params)
     assert (runs.groupby("setting").size() == 2).all()
     paired = pd.read_csv(tmp_path / "paired.csv")
     assert set(paired.metric) >= {"map@r", "view_tau_metric", "lift_family"} and (paired.n == 2).all()
