@@ -9,10 +9,12 @@ Prints, for three forms of :func:`dmlnb.metrics.neighbors.symmetric_topk`:
   class mates (:func:`dmlnb.metrics.neighbors.class_floor`, what ``evaluate`` does);
 
 the candidates that reach the lists' merges (deterministic: the work the filters let through),
-whether the lists agree within their depths, and wall times with 1 and 2 workers next to the
-full product (the floor of ``bench_metrics.py``: blocks of 4,096 rows against all rows) with as
-many BLAS threads, alternating, ``--repeat`` times. Wall times on a shared machine vary: read
-them pairwise.
+whether the lists agree within their depths, wall times with 1 and 2 workers next to the full
+product (the floor of ``bench_metrics.py``: blocks of 4,096 rows against all rows, into a buffer
+touched beforehand) with as many BLAS threads, alternating, ``--repeat`` times, and for one
+worker the split of the search's time into its tile products alone (the same tiles and slabs)
+and the rest (group maxima, candidates, merges, canaries). Wall times on a shared machine vary:
+read them pairwise.
 
 Usage::
 
@@ -31,20 +33,39 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_metrics import FLOOR_BLOCK, make_data  # noqa: E402
+from bench_metrics import floor_buffer, floor_product, make_data  # noqa: E402
 
 from dmlnb.metrics import neighbors as nb  # noqa: E402
 
 
-def floor_product(x: np.ndarray, threads: int) -> float:
+def timed_floor(x: np.ndarray, buf: np.ndarray, threads: int) -> float:
+    t = time.perf_counter()
+    floor_product(x, buf, threads)
+    return time.perf_counter() - t
+
+
+def tile_products(x: np.ndarray, buf: np.ndarray) -> float:
+    """Seconds for the products alone of a one-worker symmetric search (one BLAS thread): the
+    same tiles and slabs, each diagonal tile's slabs from their first row's column on, nothing
+    else."""
     from threadpoolctl import threadpool_limits
 
-    buf = np.empty((FLOOR_BLOCK, len(x)), np.float32)
-    buf.fill(0)  # touch the pages before timing
-    with threadpool_limits(threads):
+    bounds = nb._tile_bounds(len(x), nb.symmetric_tile_size(x.itemsize, workers=1))
+    g = nb.SYMMETRIC_GROUP
+    with threadpool_limits(1):
         t = time.perf_counter()
-        for i in range(0, len(x), FLOOR_BLOCK):
-            np.matmul(x[i:i + FLOOR_BLOCK], x.T, out=buf[: min(FLOOR_BLOCK, len(x) - i)])
+        for i in range(len(bounds) - 1):
+            a0, a1 = bounds[i], bounds[i + 1]
+            ng = -(-(a1 - a0) // g)
+            ns = max(1, round(ng * g / nb._SLAB_ROWS))
+            slabs = [g * (q * ng // ns) for q in range(ns + 1)]
+            for j in range(i, len(bounds) - 1):
+                c0, c1 = bounds[j], bounds[j + 1]
+                xj_t = x[c0:c1].T
+                for r0, r1 in zip(slabs[:-1], slabs[1:], strict=True):
+                    r1 = min(r1, a1 - a0)
+                    c = r0 if i == j else 0
+                    np.matmul(x[a0 + r0 : a0 + r1], xj_t[:, c:], out=buf[r0:r1, c : c1 - c0])
         return time.perf_counter() - t
 
 
@@ -84,7 +105,8 @@ def main() -> int:
     finally:
         nb._Lists.take = take
 
-    print("| run | workers | symmetric (depth+floor) s | full product s | ratio | load |")
+    buf = floor_buffer(len(x))
+    print("\n| run | workers | symmetric (depth+floor) s | full product s | ratio | load |")
     print("|---|---|---|---|---|---|")
     for rep in range(1, args.repeat + 1):
         for workers in (1, 2):
@@ -93,8 +115,23 @@ def main() -> int:
             t = time.perf_counter()
             nb.symmetric_topk(x, k, depth=depth, floor=floor, workers=workers)
             s = time.perf_counter() - t
-            f = floor_product(x, workers)
+            f = timed_floor(x, buf, workers)
             print(f"| {rep} | {workers} | {s:.2f} | {f:.2f} | {s / f:.3f} | {load:.2f} |", flush=True)
+
+    print("\nOne worker, one BLAS thread: the search, its tile products alone, the full product"
+          " (fractions of the full product)\n")
+    print("| run | search s | its products s | full product s | search | products | rest | load |")
+    print("|---|---|---|---|---|---|---|---|")
+    torch.set_num_threads(1)
+    for rep in range(1, args.repeat + 1):
+        load = os.getloadavg()[0]
+        t = time.perf_counter()
+        nb.symmetric_topk(x, k, depth=depth, floor=floor, workers=1)
+        s = time.perf_counter() - t
+        p = tile_products(x, buf)
+        f = timed_floor(x, buf, 1)
+        print(f"| {rep} | {s:.2f} | {p:.2f} | {f:.2f} | {s / f:.3f} | {p / f:.3f} | "
+              f"{(s - p) / f:.3f} | {load:.2f} |", flush=True)
     return 0
 
 

@@ -331,7 +331,8 @@ def class_floor(x: np.ndarray, labels: np.ndarray, depth: np.ndarray) -> np.ndar
         floor[items[ok]] = pick[ok]
     u = 2.0**-24
     gamma = d * u / (1 - d * u)
-    norms = np.linalg.norm(x.astype(np.float64), axis=1)
+    x64 = x.astype(np.float64)
+    norms = np.sqrt(np.einsum("ij,ij->i", x64, x64))  # (np.linalg.norm's first call: 10x slower)
     floor -= 2 * gamma * norms * (norms.max() if n else 0.0)
     out = floor.astype(np.float32)
     return np.nextafter(out, np.float32(-np.inf), where=np.isfinite(out), out=out)
