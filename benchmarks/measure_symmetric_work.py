@@ -56,14 +56,12 @@ def tile_products(x: np.ndarray, buf: np.ndarray) -> float:
         t = time.perf_counter()
         for i in range(len(bounds) - 1):
             a0, a1 = bounds[i], bounds[i + 1]
-            ng = -(-(a1 - a0) // g)
-            ns = max(1, round(ng * g / nb._SLAB_ROWS))
-            slabs = [g * (q * ng // ns) for q in range(ns + 1)]
+            slabs = g * nb.slab_bounds(-(-(a1 - a0) // g), g)
             for j in range(i, len(bounds) - 1):
                 c0, c1 = bounds[j], bounds[j + 1]
                 xj_t = x[c0:c1].T
                 for r0, r1 in zip(slabs[:-1], slabs[1:], strict=True):
-                    r1 = min(r1, a1 - a0)
+                    r0, r1 = int(r0), min(int(r1), a1 - a0)
                     c = r0 if i == j else 0
                     np.matmul(x[a0 + r0 : a0 + r1], xj_t[:, c:], out=buf[r0:r1, c : c1 - c0])
         return time.perf_counter() - t

@@ -373,3 +373,15 @@ def test_evaluate_default_path_is_symmetric_and_unchanged(monkeypatch):
                 .items()}  # one block: the per-row search
         assert not calls
         assert got == want
+
+
+@pytest.mark.parametrize("groups", [1, 3, 64, 65, 362, 1000])
+def test_slab_bounds_cover_the_tile_in_whole_groups_of_about_the_slab_size(groups):
+    g = nb.SYMMETRIC_GROUP
+    b = nb.slab_bounds(groups, g)
+    assert b[0] == 0 and b[-1] == groups
+    sizes = np.diff(b) * g
+    assert (sizes > 0).all()  # no empty slab
+    assert sizes.max() - sizes.min() <= g  # near-equal, in whole groups
+    if groups * g >= nb._SLAB_ROWS:  # none tiny: within a factor 2 of the slab size
+        assert (sizes >= nb._SLAB_ROWS / 2).all() and (sizes <= 2 * nb._SLAB_ROWS).all()

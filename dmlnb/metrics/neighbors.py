@@ -209,6 +209,14 @@ def _tile_bounds(n: int, tile: int) -> np.ndarray:
     return np.array([i * n // t for i in range(t + 1)], dtype=np.int64)
 
 
+def slab_bounds(groups: int, group: int) -> np.ndarray:
+    """Boundaries, in groups, of the slabs of rows in which a tile of ``groups`` groups of
+    ``group`` rows is multiplied: whole groups, about ``_SLAB_ROWS`` rows each, none tiny (so
+    that each is a full BLAS product)."""
+    ns = max(1, round(groups * group / _SLAB_ROWS))
+    return np.array([i * groups // ns for i in range(ns + 1)], dtype=np.int64)
+
+
 def symmetric_applicable(
     x: torch.Tensor, k: int, tile: int | None = None, *, forced: bool = False
 ) -> bool:
@@ -332,7 +340,7 @@ def class_floor(x: np.ndarray, labels: np.ndarray, depth: np.ndarray) -> np.ndar
     u = 2.0**-24
     gamma = d * u / (1 - d * u)
     x64 = x.astype(np.float64)
-    norms = np.sqrt(np.einsum("ij,ij->i", x64, x64))  # (np.linalg.norm's first call: 10x slower)
+    norms = np.sqrt(np.einsum("ij,ij->i", x64, x64))  # (np.linalg.norm: slow on its first call)
     floor -= 2 * gamma * norms * (norms.max() if n else 0.0)
     out = floor.astype(np.float32)
     return np.nextafter(out, np.float32(-np.inf), where=np.isfinite(out), out=out)
@@ -494,12 +502,8 @@ def symmetric_topk(
     probe = np.unique(np.linspace(0, n - 1, min(n, _PROBE_ROWS)).astype(np.int64))
     with blas_threads_like_torch(len(probe) * n * x.shape[1]):
         probe_sims = np.matmul(x[probe], x.T)  # a per-row block: what the per-row search computes
-    # per tile height (in groups): slabs of rows of the product, in whole groups, none tiny (so
-    # that each is a full BLAS product)
-    slabs: dict[int, np.ndarray] = {}
-    for ng in {-(-int(h) // g) for h in np.diff(bounds)}:
-        ns = max(1, round(ng * g / _SLAB_ROWS))
-        slabs[ng] = np.array([i * ng // ns for i in range(ns + 1)], dtype=np.int64)
+    # the slabs of each tile height (in groups)
+    slabs = {ng: slab_bounds(ng, g) for ng in {-(-int(h) // g) for h in np.diff(bounds)}}
     strips: dict[int, tuple] = {}
     left = {i: 0 for i in range(t)}  # tiles of each strip not done yet (its cache is then freed)
     for i, _ in pairs:
