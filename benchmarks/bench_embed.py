@@ -17,12 +17,13 @@ Goal: ``after`` / ``bare`` <= 1.05 at every batch size. Two models, as the train
   ``channels_last`` puts the model in that format, as :class:`dmlnb.train.Trainer` does), on the
   first ``--lite_n`` validation glyphs (2,000).
 
-Each is timed at the batch sizes ``--batch_sizes`` (64 128 256 500 1000; the default
-``TrainConfig.eval_batch_size`` is 500). A fourth contestant, ``after, other format``, runs
-``embed`` at batch size 500 on the same model in the other memory format (contiguous <->
-``channels_last``), for the choice of format. The run also checks that ``after`` gives the same
-embeddings bit for bit as ``before`` at each batch size, and as ``after`` at 500 (does the batch
-size change the last bits?), and whether the other format changes them.
+Each is timed at the batch sizes ``--batch_sizes`` (64 128 256 500 1000). The reference batch
+size is the default ``TrainConfig.eval_batch_size`` (``dmlnb.defaults.EVAL_BATCH_SIZE``) when it is
+among them. A fourth contestant, ``after, other format``, runs ``embed`` at the reference batch
+size on the same model in the other memory format (contiguous <-> ``channels_last``), for the
+choice of format. The run also checks that ``after`` gives the same embeddings bit for bit as
+``before`` at each batch size, and as ``after`` at the reference size (does the batch size change
+the last bits?), and whether the other format changes them.
 
 Every (batch size, contestant) is warmed up once on ``bs + n % bs`` images (both batch shapes of
 the pass); the timed repetitions are interleaved: within a repetition the batch sizes and the
@@ -34,7 +35,7 @@ load of the shared machine; wall time is shown next to it. Ratios are of medians
         [--batch_sizes 64 128 256 500 1000] [--repeats 3] [--lite_n 2000] [--threads 1]
         [--out F.md]
 
-``--quick``: 1,000 / 500 images, batch sizes 128 and 500, one repetition (a smoke run:
+``--quick``: 1,000 / 500 images, batch sizes 128 and the default, one repetition (a smoke run:
 ~40 s of CPU, 1.5 min of wall time at load 5). The full run costs 2-4 min of CPU per model
 (wall time 2-3x that on a loaded machine); ``--models``, ``--lite_n`` and ``--repeats`` trim it.
 """
@@ -58,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 
 from _report import emit  # noqa: E402 - benchmarks/_report.py
 
+from dmlnb import defaults as D  # noqa: E402
 from dmlnb import experiment  # noqa: E402
 from dmlnb.config import TrainConfig, preset  # noqa: E402
 from dmlnb.data.tensor import TensorImageDataset  # noqa: E402
@@ -171,7 +173,7 @@ def loading(ds: TensorImageDataset, batch_size: int, rounds: int = 7) -> dict[st
 def bench_model(name: str, n: int | None, batch_sizes: list[int], repeats: int) -> dict:
     cfg, ds, models = setup(name, n)
     (fmt, model), (other_fmt, other) = models.items()
-    ref_bs = 500 if 500 in batch_sizes else batch_sizes[len(batch_sizes) // 2]
+    ref_bs = D.EVAL_BATCH_SIZE if D.EVAL_BATCH_SIZE in batch_sizes else batch_sizes[len(batch_sizes) // 2]
     load = loading(ds, ref_bs)
     fns = {
         "before": lambda bs, d=ds: embed_before(model, d, batch_size=bs),
@@ -256,7 +258,7 @@ def table(res: dict) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="1,000 / 500 images, batch sizes 128 and 500, one repetition")
+                    help="1,000 / 500 images, batch sizes 128 and the default, one repetition")
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     ap.add_argument("--batch_sizes", type=int, nargs="+", default=None,
                     help="default 64 128 256 500 1000")
@@ -265,7 +267,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--out", default=None, help="append the markdown result to this file")
     args = ap.parse_args(argv)
-    batch_sizes = args.batch_sizes or ([128, 500] if args.quick else [64, 128, 256, 500, 1000])
+    batch_sizes = args.batch_sizes or (sorted({128, D.EVAL_BATCH_SIZE}) if args.quick
+                                       else sorted({64, 128, 256, 500, 1000, D.EVAL_BATCH_SIZE}))
     repeats = args.repeats or (1 if args.quick else 3)
     lite_n = args.lite_n or (500 if args.quick else 2000)
     torch.set_num_threads(args.threads)

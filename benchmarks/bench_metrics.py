@@ -15,7 +15,9 @@ Every measurement runs in a fresh subprocess that loads the inputs from .npy fil
 RSS is honest; "above inputs" subtracts the RSS measured right after loading them. Tools:
 
 - ``dmlnb``: :func:`dmlnb.metrics.evaluate` (leave-one-out; the symmetric search, each tile pair
-  of the similarity matrix once, where it applies).
+  of the similarity matrix once, where it applies). Its cell says which search ran:
+  ``symmetric``, or ``per-row`` with the reason (the canary caught the BLAS giving a pair another
+  value in a tile than in a per-row block, and the search fell back).
 - ``pml_small``: PML's AccuracyCalculator with its default FaissKNN (exact IndexFlatL2 on
   normalised vectors = cosine order) and ``k="max_bin_count"`` (the largest class: exact
   R-Precision and MAP@R, the least work PML can do for them).
@@ -174,6 +176,24 @@ def floor_product(x: np.ndarray, buf: np.ndarray, threads: int) -> None:
             np.matmul(x[s : s + FLOOR_BLOCK], x.T, out=buf[: min(FLOOR_BLOCK, n - s)])
 
 
+def _record_search(log: list[str]) -> None:
+    """Make the symmetric search note in ``log`` whether it ran or fell back (and why)."""
+    import dmlnb.metrics.retrieval as R
+
+    real = R.symmetric_topk
+
+    def recorded(*a, **kw):
+        try:
+            out = real(*a, **kw)
+        except R.NotReproducibleError as e:
+            log.append(f"per-row ({e})")
+            raise
+        log.append("symmetric")
+        return out
+
+    R.symmetric_topk = recorded
+
+
 def child(tool: str, phase: str, size: str, data_dir: str) -> dict:
     import torch  # (import cost outside the timing)
 
@@ -184,6 +204,9 @@ def child(tool: str, phase: str, size: str, data_dir: str) -> dict:
     ks = SIZES[size]["ks"]
     if tool.startswith("pml"):
         import pytorch_metric_learning.utils.accuracy_calculator  # noqa: F401
+    search: list[str] = []
+    if tool == "dmlnb":
+        _record_search(search)
     base = _rss_mib()
     buf = floor_buffer(len(x)) if tool == "matmul" else None  # counted in the peak, not timed
     t0 = time.perf_counter()
@@ -200,7 +223,9 @@ def child(tool: str, phase: str, size: str, data_dir: str) -> dict:
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"tool": tool, "phase": phase, "size": size, "wall_s": wall, "peak_rss_mib": peak,
-            "above_inputs_mib": peak - base, "values": {k: float(v) for k, v in res.items()}}
+            "above_inputs_mib": peak - base, "values": {k: float(v) for k, v in res.items()},
+            "search": (search[-1] if search else "per-row") if tool == "dmlnb" and phase == "knn"
+            else None}
 
 
 def compare(ours: dict, theirs: dict, phase: str, ks) -> float:
@@ -287,7 +312,8 @@ def main() -> None:
                         print(f"  {size:6s} {phase:7s} {tool:9s} {r['wall_s']:8.1f} s  "
                               f"peak {r['peak_rss_mib']:7.0f} MiB  (+{r['above_inputs_mib']:.0f})"
                               f"  load {load:.2f}  "
-                              f"{json.dumps({k: round(v, 4) for k, v in r['values'].items()})}",
+                              f"{json.dumps({k: round(v, 4) for k, v in r['values'].items()})}"
+                              + (f"  search: {r['search']}" if r.get("search") else ""),
                               file=sys.stderr, flush=True)
                     order = " then ".join(got)
                     for tool, r in got.items():
@@ -303,6 +329,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for size, phase, rep, tool, r, diff in rows:
         vals = ", ".join(f"{k} {v:.4f}" for k, v in r["values"].items() if k != "lone_queries")
+        if r.get("search"):
+            vals += f"; search: {r['search']}"
         print(f"| {size} | {phase} | {rep + 1} | {tool} | {r['load']:.2f} | {r['wall_s']:.1f} | "
               f"{r['peak_rss_mib']:.0f} | {r['above_inputs_mib']:.0f} | {vals or '-'} | "
               f"{'-' if diff != diff else f'{diff:.2e}'} |")

@@ -13,12 +13,19 @@ whether the lists agree within their depths, wall times with 1 and 2 workers nex
 product (the floor of ``bench_metrics.py``: blocks of 4,096 rows against all rows, into a buffer
 touched beforehand) with as many BLAS threads, alternating, ``--repeat`` times, and for one
 worker the split of the search's time into its tile products alone (the same tiles and slabs)
-and the rest (group maxima, candidates, merges, canaries). Wall times on a shared machine vary:
-read them pairwise.
+and the rest (group maxima, candidates, merges, canaries). Then the per-row search (what
+``evaluate`` falls back to where the symmetric search cannot run), split into its block products
+and its top-k selection (``topk_stable``), next to the full product, with the default threads.
+Wall times on a shared machine vary: read them pairwise.
+
+Where the BLAS rounds a pair by the product's shape (OpenBLAS's AVX2 kernels), the symmetric
+search's canary stops it on float input; the script says so and times it on the input rounded to
+``exact_lattice(x, 64)`` (exact products in any order: the same amount of work, similarities
+within about 1e-2 of the float ones), or on that input from the start with ``--lattice``.
 
 Usage::
 
-    .venv/bin/python benchmarks/measure_symmetric_work.py --repeat 2
+    .venv/bin/python benchmarks/measure_symmetric_work.py --repeat 2 [--lattice]
 """
 
 from __future__ import annotations
@@ -71,14 +78,26 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="sop")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--lattice", action="store_true",
+                    help="time the symmetric search on the input rounded to exact_lattice(x, 64)")
     args = ap.parse_args()
-    x, y = make_data(args.size)
+    x_float, y = make_data(args.size)
     r = np.bincount(y)[y] - 1
     k = int(r.max())
     depth = np.clip(r, 1, k)
+    x = nb.exact_lattice(x_float, 64) if args.lattice else x_float
+    if not args.lattice:
+        torch.set_num_threads(1)
+        try:
+            nb.symmetric_topk(x, k, depth=depth, floor=nb.class_floor(x, y, depth), workers=1)
+        except nb.NotReproducibleError as e:
+            print(f"# float input: the canary stopped the symmetric search ({e}): this BLAS "
+                  "rounds a pair by the product's shape. The symmetric tables use exact_lattice(x, 64).")
+            x = nb.exact_lattice(x_float, 64)
     floor = nb.class_floor(x, y, depth)
     print(f"# {args.size}: n={len(x)}, k={k}, mean depth {depth.mean():.2f}; "
-          f"class floor finite for {np.isfinite(floor).mean():.1%}; load {os.getloadavg()[0]:.2f}")
+          f"class floor finite for {np.isfinite(floor).mean():.1%}; load {os.getloadavg()[0]:.2f}; "
+          f"input: {'float' if x is x_float else 'exact_lattice(x, 64)'}")
 
     counted = {"n": 0}
     take = nb._Lists.take
@@ -130,7 +149,41 @@ def main() -> int:
         f = timed_floor(x, buf, 1)
         print(f"| {rep} | {s:.2f} | {p:.2f} | {f:.2f} | {s / f:.3f} | {p / f:.3f} | "
               f"{(s - p) / f:.3f} | {load:.2f} |", flush=True)
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    print(f"\nThe per-row search on the float input, {threads} threads: its block products, its "
+          "top-k selection, the full product (fractions of the full product)\n")
+    print("| run | per-row s | products s | selection s | full product s | per-row | products "
+          "| selection | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for rep in range(1, args.repeat + 1):
+        load = os.getloadavg()[0]
+        s, p, sel = per_row(x_float, k)
+        f = timed_floor(x_float, buf, threads)
+        print(f"| {rep} | {s:.2f} | {p:.2f} | {sel:.2f} | {f:.2f} | {s / f:.3f} | {p / f:.3f} | "
+              f"{sel / f:.3f} | {load:.2f} |", flush=True)
     return 0
+
+
+def per_row(x: np.ndarray, k: int) -> tuple[float, float, float]:
+    """Seconds of the per-row leave-one-out search (blocks of ``auto_chunk_size`` rows against all,
+    then ``topk_stable``): in all, its products, its selection."""
+    q = torch.from_numpy(x)
+    products = selection = 0.0
+    t = time.perf_counter()
+    with nb.blas_threads_like_torch(float(len(x)) * len(x) * x.shape[1]):
+        blocks = nb.iter_similarity_blocks(q, q, exclude_self=True)
+        while True:
+            t0 = time.perf_counter()
+            block = next(blocks, None)
+            t1 = time.perf_counter()
+            if block is None:
+                break
+            nb.topk_stable(block[1], k)
+            products += t1 - t0
+            selection += time.perf_counter() - t1
+    return time.perf_counter() - t, products, selection
 
 
 if __name__ == "__main__":

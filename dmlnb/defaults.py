@@ -108,8 +108,9 @@ FAISS_KMEANS_NITER = 20  # PML / Roth et al. 2020: faiss KMeans iterations
 # --- Vocabularies: the finite sets of names a setting takes (kept here once) ---------------------
 VIEW_FAMILIES = ("crop", "perspective", "rotation", "color", "blur")  # views' families, in composition order
 POOLINGS = ("avg", "max")  # global pooling of the backbone's feature map
-EVAL_BATCH_SIZE = 256  # MEASURED (benchmarks/bench_embed.md): on the CPU 1.2-1.3x faster than 500 for
-# the small CNN and EfficientNet-Lite0, with bit-identical embeddings from 64 to 1,000
+EVAL_BATCH_SIZE = 128  # MEASURED (benchmarks/bench_embed.md, quiet AMD EPYC, 1 and 2 threads): the
+# small CNN's fastest, EfficientNet-Lite0 1.26-1.33x faster than at 256 (at 64 1.1-1.3x faster still);
+# embeddings bit-identical from 64 to 1,000
 RANK_PAIR_CHOICES = ("adjacent", "all")  # pairs of levels in L_sort
 SCHEDULES = ("none", "step", "cosine")  # learning-rate schedules
 AMP_CHOICES = ("none", "bf16", "fp16")  # autocast dtypes (CUDA)

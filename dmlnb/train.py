@@ -182,16 +182,40 @@ def _lr_factor(cfg: TrainConfig, total_steps: int):
 
 
 # --- the run --------------------------------------------------------------------------------------
+_VECTOR_ISAS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"))  # widest first
+
+
+def cpu_model_from(cpuinfo: str) -> str | None:
+    """The model name in a ``/proc/cpuinfo`` text, with the widest x86 vector extension its
+    ``flags`` list, e.g. ``"AMD EPYC (AVX-512)"``; None without a model name."""
+    name = flags = None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key == "model name" and name is None:
+            name = value.strip()
+        elif key == "flags" and flags is None:
+            flags = set(value.split())
+    if not name:
+        return None
+    isa = next((label for flag, label in _VECTOR_ISAS if flags and flag in flags), None)
+    return f"{name} ({isa})" if isa else name
+
+
 def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; else the platform's processor or machine name).
+    """The CPU's model name and widest vector extension (:func:`cpu_model_from` of
+    ``/proc/cpuinfo``; else the platform's processor or machine name).
 
     Recorded with every run: the same seed gives the same numbers on one CPU model, but another
-    model (other BLAS and convolution kernels) rounds differently, and training drifts apart."""
+    model (other BLAS and convolution kernels) rounds differently, and training drifts apart.
+    Virtual machines often show a bare family name ("AMD EPYC") for several generations, whose
+    libraries pick other kernels by vector width (OpenBLAS: AVX2 or AVX-512 ones), hence the
+    extension in the name."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            found = cpu_model_from(f.read())
+        if found:
+            return found
     except OSError:
         pass
     return platform.processor() or platform.machine() or "?"

@@ -732,6 +732,9 @@ _SHOWN_PLOTLYJS = False
 #: starts unless the caller's environment sets it (``DMLNB_STATIC_FIGURES=0``: interactive only).
 STATIC_FIGURES_ENV = "DMLNB_STATIC_FIGURES"
 _PNG_ROUTE: dict[str, Any] = {}  # "kaleido_server": started; "failed": why no PNG can be made here
+#: seconds one figure's PNG may take in :func:`figure_png` before the route is given up (the first
+#: figure of a kernel starts a browser: seconds; a browser that died leaves kaleido waiting forever)
+PNG_TIMEOUT_S = 120.0
 
 
 def static_figures() -> bool:
@@ -743,35 +746,61 @@ def static_figures() -> bool:
     return os.environ.get(STATIC_FIGURES_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _kaleido_finds_chrome() -> bool:
+    """Whether kaleido (>= 1) would find a Chrome or Chromium to start (its own search)."""
+    try:
+        from choreographer.browsers.chromium import Chromium
+
+        return Chromium.find_browser(skip_local=False) is not None
+    except Exception:  # kaleido < 1 (no choreographer), or another choreographer
+        return False
+
+
 def figure_png(fig: go.Figure, scale: float = 1.0) -> bytes | None:
     """``fig`` as PNG bytes through :func:`write_pngs` (kaleido, its browser kept running between
-    figures, else a Chromium screenshot); ``None`` when neither route works here (one warning per
-    process, and no further attempt)."""
+    figures when kaleido finds one, else a Chromium screenshot); ``None`` when neither route works
+    here or a figure takes over :data:`PNG_TIMEOUT_S` (one warning per process, and no further
+    attempt). The PNG is made in a helper thread: a browser that dies must not hang the caller
+    (kaleido's server then waits forever)."""
     if "failed" in _PNG_ROUTE:
         return None
     import tempfile
+    import threading
     import warnings
 
     if "kaleido_server" not in _PNG_ROUTE:  # one browser for all the figures of this process
         _PNG_ROUTE["kaleido_server"] = True
-        try:
-            import kaleido
+        if _kaleido_finds_chrome():  # without one, kaleido's server thread dies at once
+            try:
+                import kaleido
 
-            kaleido.start_sync_server(silence_warnings=True)
-        except Exception:  # kaleido < 1, or none: write_pngs finds its route per figure
-            pass
+                kaleido.start_sync_server(silence_warnings=True)
+            except Exception:  # kaleido < 1: write_pngs finds its route per figure
+                pass
     with tempfile.TemporaryDirectory(prefix="dmlnb-png-") as folder:
         path = Path(folder) / "figure.png"
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="The kopts argument is ignored")
-                write_pngs([(fig, path)], scale=scale)
+        outcome: list[BaseException | None] = []
+
+        def make() -> None:
+            try:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="The kopts argument is ignored")
+                    write_pngs([(fig, path)], scale=scale)
+                outcome.append(None)
+            except BaseException as err:  # noqa: BLE001 - reported below
+                outcome.append(err)
+
+        worker = threading.Thread(target=make, name="dmlnb-png", daemon=True)
+        worker.start()
+        worker.join(PNG_TIMEOUT_S)
+        err = outcome[0] if outcome else TimeoutError(
+            f"no PNG after {PNG_TIMEOUT_S:g} s (dmlnb.viz.PNG_TIMEOUT_S); the browser may have died")
+        if err is None:
             return path.read_bytes()
-        except Exception as err:
-            _PNG_ROUTE["failed"] = f"{type(err).__name__}: {err}"
-            warnings.warn(f"figures are displayed without their PNG fallback: {err}",
-                          RuntimeWarning, stacklevel=2)
-            return None
+        _PNG_ROUTE["failed"] = f"{type(err).__name__}: {err}"
+        warnings.warn(f"figures are displayed without their PNG fallback: {err}",
+                      RuntimeWarning, stacklevel=2)
+        return None
 
 
 def figure_bundle(fig: go.Figure | Mapping[str, Any], png: bool | None = None,

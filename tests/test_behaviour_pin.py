@@ -8,10 +8,13 @@ its own (so that a baseline and an SSR run with one seed are exact pairs); the b
 did not change.
 
 Bit for bit holds on one CPU model: another model's kernels round differently and the short
-training drifts (between the Intel Xeon that wrote ``metrics`` and the AMD EPYC of ``by_cpu``:
-at most 1.5e-4 in MAP@R, 6e-4 in NMI, and up to 3 of the 372 test queries' Recall@K, 0.008). So a CPU model with pins of its own (``by_cpu``, keyed
-by :func:`dmlnb.train.cpu_model`) is held to them exactly; any other to ``metrics`` within
-:data:`OTHER_CPU_ABS`, loose enough for rounding, tight against a change of method.
+training drifts (from the Intel Xeon that wrote ``metrics``, the AMD EPYC (AVX-512) pins of
+``by_cpu`` differ by at most 1.5e-4 in MAP@R, 6e-4 in NMI and 3 of the 372 test queries'
+Recall@K, 0.008; the AMD EPYC (AVX2) pins by 2.9e-4, 0 and 0.008). So a CPU model with pins of
+its own (``by_cpu``, keyed by :func:`dmlnb.train.cpu_model`: the model name and the widest
+vector extension, since one name may cover CPUs whose libraries pick other kernels) is held to
+them exactly; any other to ``metrics`` within :data:`OTHER_CPU_ABS`, loose enough for rounding,
+tight against a change of method.
 """
 
 from __future__ import annotations

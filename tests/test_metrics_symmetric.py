@@ -3,7 +3,12 @@
 Exactness is checked bit for bit: neighbour indices, similarities (as float32 bit patterns) and
 every per-query score (Recall@K, R-Precision, MAP@R as float64 arrays). Integer-valued
 embeddings make every dot product exact, whatever the BLAS kernel, so ties and duplicates are
-real ties; Gaussian float embeddings check that tiles reproduce the per-row block values.
+real ties; dyadic embeddings (Gaussian, rounded to multiples of 1/64) are exact too, with few
+ties, so they check the search's logic on any machine. Gaussian float embeddings check that
+tiles reproduce the per-row block values; they run only where the BLAS rounds a pair alike in
+products of every shape (some kernels do not: OpenBLAS's AVX2 kernels, for one, round by the
+position of the pair in the product and by the thread count; there the automatic search falls
+back to per-row blocks, checked by the tests that run everywhere).
 """
 
 from __future__ import annotations
@@ -30,6 +35,42 @@ def gaussian(n, dim, n_classes, seed, spread=1.0):
     x = rng.standard_normal((n_classes, dim))[y] + spread * rng.standard_normal((n, dim))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x.astype(np.float32), y
+
+
+def dyadic(n, dim, n_classes, seed, spread=1.0):
+    """Gaussian embeddings (unit rows) on the lattice of multiples of 1/64
+    (:func:`dmlnb.metrics.neighbors.exact_lattice`): exact products in any order, few ties."""
+    x, y = gaussian(n, dim, n_classes, seed, spread)
+    return nb.exact_lattice(x, 64), y
+
+
+def _blas_rounds_pairs_alike() -> bool:
+    """Does this machine's BLAS give each pair one float32 value in products of every shape
+    (slabs, tiles, transposed, per-row blocks of all items, one or several threads)?"""
+    x = gaussian(1300, 32, 200, seed=99)[0]
+    with nb._blas_threads(1):
+        full = np.matmul(x, x.T.copy())
+    for a0, a1, b0, b1 in ((0, 256, 0, 1300), (300, 600, 0, 1300), (0, 256, 256, 512),
+                           (100, 433, 433, 766), (0, 400, 800, 1200), (1000, 1300, 0, 1300)):
+        if not (np.array_equal(np.matmul(x[a0:a1], x[b0:b1].T), full[a0:a1, b0:b1])
+                and np.array_equal(np.matmul(x[b0:b1], x[a0:a1].T).T, full[a0:a1, b0:b1])):
+            return False
+    with nb._blas_threads(2):
+        return bool(np.array_equal(np.matmul(x, x.T.copy()), full))
+
+
+ALIKE = _blas_rounds_pairs_alike()
+needs_alike = pytest.mark.skipif(
+    not ALIKE, reason="this BLAS rounds a pair by the product's shape: float tiles cannot "
+    "reproduce per-row blocks (the automatic search falls back; dyadic cases test the logic)")
+FLOAT = pytest.param("gaussian", marks=needs_alike)
+
+
+def float_data(kind, n, dim, n_classes, seed):
+    """(x, y, normalize): Gaussian unit rows, or their dyadic rounding (exact products)."""
+    if kind == "gaussian":
+        return (*gaussian(n, dim, n_classes, seed), True)
+    return (*dyadic(n, dim, n_classes, seed), False)
 
 
 def ties(n, dim, n_classes, seed, n_dup=60):
@@ -71,6 +112,21 @@ def bits(a):
 # ----------------------------------------------------------------------------- keys
 
 
+def test_exact_lattice_makes_every_summation_order_agree():
+    rng = np.random.default_rng(23)
+    x = nb.exact_lattice(rng.standard_normal((300, 1040)).astype(np.float32) * 0.5, 64)
+    assert np.array_equal(x * 64, np.round(x * 64)) and np.abs(x).max() <= 127 / 64
+    exact = x.astype(np.float64) @ x.T.astype(np.float64)  # exact: below 2**53
+    np.testing.assert_array_equal(np.matmul(x, x.T).astype(np.float64), exact)
+    np.testing.assert_array_equal(np.matmul(x[:7], x[3:250].T).astype(np.float64), exact[:7, 3:250])
+    assert float(np.cumsum(x[0] * x[1], dtype=np.float32)[-1]) == exact[0, 1]  # sequential order
+    assert float(np.cumsum((x[0] * x[1])[::-1], dtype=np.float32)[-1]) == exact[0, 1]  # reversed
+    with pytest.raises(ValueError, match="1,040 columns"):
+        nb.exact_lattice(np.zeros((2, 1041), np.float32))
+    with pytest.raises(ValueError, match="power of two"):
+        nb.exact_lattice(np.zeros((2, 4), np.float32), 10)
+
+
 def test_sortable_keys_order_and_round_trip():
     rng = np.random.default_rng(0)
     v = np.concatenate([rng.standard_normal(500), [0.0, -0.0, -np.inf, np.inf, 1e-45, -1e-45,
@@ -92,16 +148,19 @@ def test_sortable_keys_order_and_round_trip():
 @pytest.mark.parametrize(
     ("data", "tile", "k"),
     [
-        ("gaussian", 256, 11),
-        ("gaussian", 333, 40),  # n not a multiple of the tile
-        ("gaussian", 1000, 1),
+        pytest.param("gaussian", 256, 11, marks=needs_alike),
+        pytest.param("gaussian", 333, 40, marks=needs_alike),  # n not a multiple of the tile
+        pytest.param("gaussian", 1000, 1, marks=needs_alike),
+        ("dyadic", 256, 11),
+        ("dyadic", 333, 40),
+        ("dyadic", 1000, 1),
         ("ties", 13, 30),  # tiny tiles, k > tile: lists fill over several tiles
         ("ties", 64, 7),
         ("ties", 200, 50),
     ],
 )
 def test_knn_symmetric_equals_per_row_and_brute_force(data, tile, k):
-    x, _ = gaussian(1200, 32, 200, seed=1) if data == "gaussian" else ties(400, 4, 5, seed=2)
+    x = float_data(data, 1200, 32, 200, seed=1)[0] if data != "ties" else ties(400, 4, 5, seed=2)[0]
     sims, idx = knn(x, None, k, chunk_size=tile, normalize=False, symmetric=True)
     row_s, row_i = knn(x, None, k, normalize=False, symmetric=False)  # today's per-row search
     ref_s, ref_i = brute_force(x, k)
@@ -111,22 +170,23 @@ def test_knn_symmetric_equals_per_row_and_brute_force(data, tile, k):
     np.testing.assert_array_equal(bits(sims), bits(ref_s))
 
 
-def test_knn_symmetric_per_row_blocks_and_workers_agree():
-    x, _ = gaussian(1500, 24, 300, seed=3)
-    a = knn(x, None, 12, chunk_size=300, symmetric=False)  # per-row blocks of 300 queries
+@pytest.mark.parametrize("data", [FLOAT, "dyadic"])
+def test_knn_symmetric_per_row_blocks_and_workers_agree(data):
+    x, _, normalize = float_data(data, 1500, 24, 300, seed=3)
+    a = knn(x, None, 12, chunk_size=300, normalize=normalize, symmetric=False)  # blocks of 300
+    xs = nb.l2_normalize(torch.from_numpy(x)).numpy() if normalize else x
     for workers in (1, 2, 3):
-        s, i, _ = symmetric_topk(nb.l2_normalize(torch.from_numpy(x)).numpy(), 12, tile=400,
-                                 workers=workers)
+        s, i, _ = symmetric_topk(xs, 12, tile=400, workers=workers)
         np.testing.assert_array_equal(i, a[1].numpy())
         np.testing.assert_array_equal(bits(s), bits(a[0]))
 
 
-@pytest.mark.parametrize("data", ["gaussian", "ties"])
+@pytest.mark.parametrize("data", [FLOAT, "dyadic", "ties"])
 def test_any_tile_order_gives_the_same_lists(data):
     # lists whose rows or columns are still empty when a tile arrives (another worker has not
     # merged their first tile yet) take their thresholds from the tile itself
-    x, y = gaussian(1300, 16, 300, seed=15) if data == "gaussian" else ties(500, 4, 6, seed=16)
-    tile = 300 if data == "gaussian" else 90
+    x, y = float_data(data, 1300, 16, 300, seed=15)[:2] if data != "ties" else ties(500, 4, 6, seed=16)
+    tile = 300 if data != "ties" else 90
     want_s, want_i, _ = symmetric_topk(x, 9, tile=tile, workers=1)
     s_star, j_star, _ = best_relevant(x, y)
     want_c = symmetric_topk(x, 9, tile=tile, workers=1, first_hit=(s_star, j_star, 60))[2]
@@ -144,12 +204,12 @@ def test_any_tile_order_gives_the_same_lists(data):
         symmetric_topk(x, 9, tile=tile, _order=pairs[1:])
 
 
-@pytest.mark.parametrize("data", ["gaussian", "ties"])
+@pytest.mark.parametrize("data", [FLOAT, "dyadic", "ties"])
 def test_lists_are_exact_to_their_depth_in_any_tile_order(data):
     # a list read only to depth d (R_q for R-Precision and MAP@R) keeps its d-th similarity as
     # threshold: those entries stay exact, whatever the tiles' order and workers
-    x, y = gaussian(1300, 16, 300, seed=18) if data == "gaussian" else ties(500, 4, 6, seed=19)
-    tile = 300 if data == "gaussian" else 90
+    x, y = float_data(data, 1300, 16, 300, seed=18)[:2] if data != "ties" else ties(500, 4, 6, seed=19)
+    tile = 300 if data != "ties" else 90
     k = 9
     ref_s, ref_i = brute_force(x, k)
     depth = np.random.default_rng(20).integers(1, k + 1, size=len(x))
@@ -246,19 +306,20 @@ class _PerturbedTiles:
 
 
 def test_canary_falls_back_to_per_row_blocks(monkeypatch):
-    x, y = gaussian(600, 16, 80, seed=6)
-    want_s, want_i = knn(x, None, 5, symmetric=False)
-    want = retrieval_scores(x, y, ks=(1, 2, 50), symmetric=False)
+    # dyadic data: exact products in any shape, so the perturbation is the only difference
+    x, y = dyadic(600, 16, 80, seed=6)
+    want_s, want_i = knn(x, None, 5, normalize=False, symmetric=False)
+    want = retrieval_scores(x, y, ks=(1, 2, 50), normalize=False, symmetric=False)
     monkeypatch.setattr(nb, "np", _PerturbedTiles(len(x)))
     with pytest.raises(RuntimeError, match="not reproducible"):
-        knn(x, None, 5, chunk_size=150, symmetric=True)
+        knn(x, None, 5, chunk_size=150, normalize=False, symmetric=True)
     monkeypatch.setattr(nb, "np", _PerturbedTiles(len(x)))
     monkeypatch.setattr(nb, "_MIN_TILE", 64)
-    s, i = knn(x, None, 5, chunk_size=150)  # automatic: falls back, same results
+    s, i = knn(x, None, 5, chunk_size=150, normalize=False)  # automatic: falls back, same results
     np.testing.assert_array_equal(i.numpy(), want_i.numpy())
     np.testing.assert_array_equal(bits(s), bits(want_s))
     monkeypatch.setattr(nb, "np", _PerturbedTiles(len(x)))
-    got = retrieval_scores(x, y, ks=(1, 2, 50), chunk_size=150)
+    got = retrieval_scores(x, y, ks=(1, 2, 50), normalize=False, chunk_size=150)
     for key in want:
         np.testing.assert_array_equal(got[key], want[key])
 
@@ -279,9 +340,9 @@ def test_tiny_float_tiles_are_exact_or_refused():
 # ----------------------------------------------------------------------------- first hits
 
 
-@pytest.mark.parametrize("data", ["ties", "gaussian"])
+@pytest.mark.parametrize("data", ["ties", "dyadic", FLOAT])
 def test_first_hit_counts_equal_brute_force(data):
-    x, y = ties(300, 3, 6, seed=8) if data == "ties" else gaussian(900, 16, 300, seed=9)
+    x, y = ties(300, 3, 6, seed=8) if data == "ties" else float_data(data, 900, 16, 300, seed=9)[:2]
     n = len(y)
     s_star, j_star, _ = best_relevant(x, y)
     s = np.matmul(x, x.T.copy())
@@ -303,19 +364,28 @@ def test_first_hit_counts_equal_brute_force(data):
 # ----------------------------------------------------------------------------- retrieval
 
 
-CASES = {
-    "gaussian": lambda: gaussian(1100, 24, 250, seed=10),
-    "ties": lambda: ties(500, 4, 8, seed=11),
-    "sizes_1_2_and_large": lambda: sizes_1_2_and_large(seed=12),
+CASES = {  # (x, y, normalize)
+    "gaussian": lambda: (*gaussian(1100, 24, 250, seed=10), True),
+    "dyadic": lambda: (*dyadic(1100, 24, 250, seed=10), False),
+    "ties": lambda: (*ties(500, 4, 8, seed=11), False),
+    "sizes_1_2_and_large": lambda: (*sizes_1_2_and_large(seed=12), True),
+    "sizes_1_2_and_large_dyadic": lambda: (*exact(sizes_1_2_and_large(seed=12)), False),
 }
+FLOAT_CASES = {"gaussian", "sizes_1_2_and_large"}  # float products: need a BLAS that rounds alike
+
+
+def exact(xy):
+    """Float embeddings (entries up to ~8) on the lattice of multiples of 1/16: exact products."""
+    x, y = xy
+    return nb.exact_lattice(x, 16), y
 KS = [(1,), (1, 2, 4, 8), (1, 10, 100, 1000), (3, 100000)]
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=needs_alike) if c in FLOAT_CASES else c
+                                  for c in sorted(CASES)])
 @pytest.mark.parametrize("tile", [37, 128, 400])
 def test_retrieval_symmetric_equals_per_row(case, tile):
-    x, y = CASES[case]()
-    normalize = case != "ties"
+    x, y, normalize = CASES[case]()
     for ks in KS:
         for ranking in (True, False):
             want = retrieval_scores(x, y, ks=ks, normalize=normalize, ranking=ranking,
@@ -324,7 +394,7 @@ def test_retrieval_symmetric_equals_per_row(case, tile):
                 got = retrieval_scores(x, y, ks=ks, normalize=normalize, ranking=ranking,
                                        chunk_size=tile, symmetric=True)
             except RuntimeError:
-                assert case != "ties" and tile == 37  # only tiny float tiles may be refused
+                assert case in FLOAT_CASES and tile == 37  # only tiny float tiles may be refused
                 continue
             assert set(got) == set(want)
             for key in want:

@@ -76,8 +76,10 @@ def _bundles(outputs):
     return [o["data"] for o in outputs if o.get("output_type") in ("display_data", "execute_result")]
 
 
-def _no_png_route(outputs) -> bool:
-    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+def _no_png_route(cells) -> bool:
+    """Whether the kernel found no PNG route (it warns once, in the first figure's cell)."""
+    text = "".join(o.get("text", "") for outputs in cells.values() for o in outputs
+                   if o.get("output_type") == "stream")
     return "without their PNG fallback" in text
 
 
@@ -85,7 +87,7 @@ def _no_png_route(outputs) -> bool:
 @pytest.mark.parametrize("cell", ["fig_show", "viz_show", "value"])
 def test_figure_stores_interactive_and_png(executed, cell):
     _, cells = executed
-    if _no_png_route(cells[cell]):
+    if _no_png_route(cells):
         pytest.skip("no PNG route on this machine (kaleido, or Playwright with a Chromium)")
     (bundle,) = _bundles(cells[cell])
     assert "application/vnd.plotly.v1+json" in bundle  # JupyterLab draws this one
@@ -113,7 +115,7 @@ def test_static_html_shows_the_png(executed, tmp_path):
     from dmlnb.figures import export_html
 
     path, cells = executed
-    if _no_png_route(cells["fig_show"]):
+    if _no_png_route(cells):
         pytest.skip("no PNG route on this machine (kaleido, or Playwright with a Chromium)")
     page = export_html(path, tmp_path / "page.html")
     html = page.read_text(encoding="utf-8")
@@ -139,6 +141,50 @@ def test_figure_bundle_without_png_route(monkeypatch):
     assert set(bundle) == {"application/vnd.plotly.v1+json", "text/plain"}
     assert viz.figure_bundle(fig, png=True) == bundle  # tried once per process, then not again
     assert set(viz.figure_bundle(fig, png=False)) == {"application/vnd.plotly.v1+json", "text/plain"}
+
+
+def test_figure_png_gives_up_on_a_route_that_does_not_answer(monkeypatch):
+    """A PNG route that hangs (kaleido waiting on a browser that died) costs PNG_TIMEOUT_S once:
+    the figure is shown without its PNG, with a warning naming the timeout."""
+    import threading
+    import time
+
+    import plotly.graph_objects as go
+
+    from dmlnb import viz
+
+    never = threading.Event()
+    monkeypatch.setattr(viz, "write_pngs", lambda *_, **__: never.wait())
+    monkeypatch.setattr(viz, "_PNG_ROUTE", {"kaleido_server": True})
+    monkeypatch.setattr(viz, "PNG_TIMEOUT_S", 0.5)
+    fig = go.Figure(go.Bar(x=["a"], y=[1]))
+    t0 = time.perf_counter()
+    with pytest.warns(RuntimeWarning, match=r"no PNG after 0.5 s"):
+        assert viz.figure_png(fig) is None
+    assert time.perf_counter() - t0 < 30
+    assert viz.figure_png(fig) is None  # given up for the process: no second wait
+    never.set()
+
+
+def test_kaleido_server_is_started_only_with_a_browser(monkeypatch):
+    """Without a Chrome for kaleido, its sync server is not started (its thread would die and
+    leave every later figure waiting); the per-figure routes are tried instead."""
+    import plotly.graph_objects as go
+
+    from dmlnb import viz
+
+    kaleido = pytest.importorskip("kaleido")
+    started = []
+    monkeypatch.setattr(kaleido, "start_sync_server", lambda **_: started.append(1))
+    monkeypatch.setattr(viz, "_kaleido_finds_chrome", lambda: False)
+    monkeypatch.setattr(viz, "_PNG_ROUTE", {})
+    monkeypatch.setattr(viz, "write_pngs", lambda items, scale: items[0][1].write_bytes(b"png"))
+    assert viz.figure_png(go.Figure()) == b"png"
+    assert not started
+    monkeypatch.setattr(viz, "_kaleido_finds_chrome", lambda: True)
+    monkeypatch.setattr(viz, "_PNG_ROUTE", {})
+    assert viz.figure_png(go.Figure()) == b"png"
+    assert started == [1]
 
 
 def test_static_figures_switch(monkeypatch):

@@ -290,6 +290,19 @@ def test_cpu_model_names_this_machine():
     assert _versions()["cpu"] == name
 
 
+def test_cpu_model_tells_vector_widths_of_one_family_apart():
+    from dmlnb.train import cpu_model_from
+
+    def info(flags):
+        return ("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC\n"
+                f"flags\t\t: fpu sse2 {flags}\n\nprocessor\t: 1\nmodel name\t: AMD EPYC\n")
+
+    assert cpu_model_from(info("avx fma avx2 avx512f avx512bw")) == "AMD EPYC (AVX-512)"
+    assert cpu_model_from(info("avx fma avx2 sha_ni vaes")) == "AMD EPYC (AVX2)"
+    assert cpu_model_from(info("sse4_2")) == "AMD EPYC"
+    assert cpu_model_from("processor\t: 0\nflags\t: avx2\n") is None
+
+
 def test_paired_comparison_leaves_out_infinite_values():
     table = _table(0.05)
     table["rho"] = 0.3

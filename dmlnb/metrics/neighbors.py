@@ -42,15 +42,19 @@ instead of n^2. The results are those of the per-row search, bit for bit:
   int32, index reversed): larger key = ranks first, keys of one list are distinct, so merging
   candidates from tiles that arrive in any order by key selects exactly the stable-sort top k
   (on equal similarity the lower index first; -0.0 and +0.0 tie, and -0.0 is restored).
-- Values. Each similarity is one element of a float32 BLAS product. OpenBLAS's float32 kernels
-  compute an element as the same chain of fused multiply-adds whatever the product's shape
-  and the element's place in it (and x.y as y.x), so a tile gives a pair the value a per-row block
-  gives it; its float64 kernels do not, so float64 (and CUDA, where the product is not the
-  bottleneck) keep the per-row search. This is checked while searching: 16 probe rows are
-  computed as a per-row block first and compared with every tile that holds them (and, when
-  first hits are counted, each item's best same-class pair); a mismatch falls back to the
-  per-row search (:class:`NotReproducibleError` where ``symmetric=True`` requires the symmetric
-  search).
+- Values. Each similarity is one element of a float32 BLAS product. OpenBLAS's AVX-512
+  (SkylakeX) float32 kernels compute an element as the same chain of fused multiply-adds
+  whatever the product's shape and the element's place in it (and x.y as y.x), so a tile gives a
+  pair the value a per-row block gives it. Its AVX2 (Haswell) kernels, which it also uses on AMD
+  Zen 3, do not: there a pair's last bits depend on where it falls in the product and on the
+  number of threads (so even the per-row search's values depend on the block size there). Its
+  float64 kernels do not either, so float64 (and CUDA, where the product is not the bottleneck)
+  keep the per-row search. This is checked while searching: 16 probe rows are computed as a
+  per-row block first and compared with every tile that holds them (and, when first hits are
+  counted, each item's best same-class pair); a mismatch falls back to the per-row search
+  (:class:`NotReproducibleError` where ``symmetric=True`` requires the symmetric search).
+  Embeddings on a coarse lattice (:func:`exact_lattice`) have exact products in any order, so
+  the search runs on such inputs whatever the BLAS (the tests and benchmarks use them).
 - Filtering. Per tile, the product is computed in slabs of 512 rows (rows of I ordered by their
   list's threshold); while a slab is in cache, the max over each group of 8 rows is compared
   with the columns' thresholds and the groups' smallest row threshold, and only the cells that
@@ -90,6 +94,24 @@ from dmlnb._validate import check_positive_int
 # again for temporaries); 128 MiB keeps SOP (60,502 references) at ~270 queries a block.
 from dmlnb.defaults import KNN_BLOCK_BYTES  # noqa: E402
 from dmlnb.metrics._inputs import as_embeddings, l2_normalize
+
+
+def exact_lattice(x: np.ndarray, step: int = 64) -> np.ndarray:
+    """``x`` rounded to multiples of ``1 / step`` in ``[-127 / step, 127 / step]`` (float32).
+
+    With ``step`` a power of two, every product of two entries is a multiple of ``step**-2`` and
+    every partial sum of a dot product of two rows is an integer multiple of it below
+    ``d * 127**2 < 2**24`` in magnitude, so exactly representable: the dot products are exact in
+    float32 whatever the summation order, blocking or BLAS kernel. Refuses ``d >= 1041``. Not
+    to be L2-normalised afterwards (that leaves the lattice). Used to check and time the
+    symmetric search on BLAS builds that round a pair by the product's shape.
+    """
+    x = np.asarray(x)
+    if x.ndim != 2 or x.shape[1] * 127**2 >= 2**24:
+        raise ValueError(f"exact_lattice needs a 2-D array of at most 1,040 columns; got shape {x.shape}")
+    if step < 1 or step & (step - 1):
+        raise ValueError(f"step must be a power of two; got {step}")
+    return (np.clip(np.round(x * step), -127, 127) / step).astype(np.float32)
 
 
 def auto_chunk_size(n_reference: int, itemsize: int = 4, budget: int = KNN_BLOCK_BYTES) -> int:
