@@ -35,7 +35,7 @@ load of the shared machine; wall time is shown next to it. Ratios are of medians
         [--batch_sizes 64 128 256 500 1000] [--repeats 3] [--lite_n 2000] [--threads 1]
         [--out F.md]
 
-``--quick``: 1,000 / 500 images, batch sizes 128 and the default, one repetition (a smoke run:
+``--quick``: 1,000 / 500 images, batch sizes 500 and the default, one repetition (a smoke run:
 ~40 s of CPU, 1.5 min of wall time at load 5). The full run costs 2-4 min of CPU per model
 (wall time 2-3x that on a loaded machine); ``--models``, ``--lite_n`` and ``--repeats`` trim it.
 """
@@ -258,7 +258,7 @@ def table(res: dict) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="1,000 / 500 images, batch sizes 128 and the default, one repetition")
+                    help="1,000 / 500 images, batch sizes 500 and the default, one repetition")
     ap.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     ap.add_argument("--batch_sizes", type=int, nargs="+", default=None,
                     help="default 64 128 256 500 1000")
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     ap.add_argument("--out", default=None, help="append the markdown result to this file")
     args = ap.parse_args(argv)
-    batch_sizes = args.batch_sizes or (sorted({128, D.EVAL_BATCH_SIZE}) if args.quick
+    batch_sizes = args.batch_sizes or (sorted({500, D.EVAL_BATCH_SIZE}) if args.quick
                                        else sorted({64, 128, 256, 500, 1000, D.EVAL_BATCH_SIZE}))
     repeats = args.repeats or (1 if args.quick else 3)
     lite_n = args.lite_n or (500 if args.quick else 2000)

@@ -18,10 +18,12 @@ and the rest (group maxima, candidates, merges, canaries). Then the per-row sear
 and its top-k selection (``topk_stable``), next to the full product, with the default threads.
 Wall times on a shared machine vary: read them pairwise.
 
-Where the BLAS rounds a pair by the product's shape (OpenBLAS's AVX2 kernels), the symmetric
-search's canary stops it on float input; the script says so and times it on the input rounded to
-``exact_lattice(x, 64)`` (exact products in any order: the same amount of work, similarities
-within about 1e-2 of the float ones), or on that input from the start with ``--lattice``.
+First, whether the BLAS gives a pair one float32 value in products of every shape: the share of
+cells of a few products (per-row blocks, slabs, offset and transposed tiles, two threads) that
+differ from one large product of the same rows and columns. Where it does not (OpenBLAS's AVX2
+kernels), the symmetric search's canary would stop it on float input, so the symmetric tables
+use the input rounded to ``exact_lattice(x, 64)`` (exact products in any order: about the same
+work, similarities within about 1e-2 of the float ones); ``--lattice`` uses it in any case.
 
 Usage::
 
@@ -74,6 +76,34 @@ def tile_products(x: np.ndarray, buf: np.ndarray) -> float:
         return time.perf_counter() - t
 
 
+def shape_dependence(x: np.ndarray) -> list[tuple[str, float]]:
+    """Share of cells that differ from one large product (rows 0-4,095 against columns
+    0-8,191, one BLAS thread), for products of other shapes over the same rows and columns."""
+    from threadpoolctl import threadpool_limits
+
+    rows, cols = min(4096, len(x)), min(8192, len(x))
+    per_row = nb.auto_chunk_size(len(x), x.itemsize)
+    with threadpool_limits(1):
+        ref = np.matmul(x[:rows], x[:cols].T)
+        shapes = {
+            f"per-row block ({per_row} rows against all items)": (slice(0, per_row), slice(0, cols), False),
+            f"slab of {nb._SLAB_ROWS} rows from row {nb._SLAB_ROWS}": (
+                slice(nb._SLAB_ROWS, 2 * nb._SLAB_ROWS), slice(0, cols), False),
+            "tile from column 100": (slice(0, 512), slice(100, cols), False),
+            "tile read transposed": (slice(0, 512), slice(0, cols), True),
+        }
+        out = []
+        for name, (r, c, transposed) in shapes.items():
+            if name.startswith("per-row"):  # against every item, as the per-row search does
+                p = np.matmul(x[r], x.T)[:, c]
+            else:
+                p = np.matmul(x[c], x[r].T).T if transposed else np.matmul(x[r], x[c].T)
+            out.append((name, float((p != ref[r, c]).mean())))
+    with threadpool_limits(2):
+        out.append(("the large product, 2 threads", float((np.matmul(x[:rows], x[:cols].T) != ref).mean())))
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="sop")
@@ -85,15 +115,15 @@ def main() -> int:
     r = np.bincount(y)[y] - 1
     k = int(r.max())
     depth = np.clip(r, 1, k)
-    x = nb.exact_lattice(x_float, 64) if args.lattice else x_float
-    if not args.lattice:
-        torch.set_num_threads(1)
-        try:
-            nb.symmetric_topk(x, k, depth=depth, floor=nb.class_floor(x, y, depth), workers=1)
-        except nb.NotReproducibleError as e:
-            print(f"# float input: the canary stopped the symmetric search ({e}): this BLAS "
-                  "rounds a pair by the product's shape. The symmetric tables use exact_lattice(x, 64).")
-            x = nb.exact_lattice(x_float, 64)
+    print("| product (float input) | cells differing from one large product |\n|---|---|")
+    differing = shape_dependence(x_float)
+    for name, share in differing:
+        print(f"| {name} | {share:.4f} |")
+    alike = not any(share for _, share in differing)
+    if not alike:
+        print("\n# this BLAS rounds a pair by the product's shape: the symmetric search's canary "
+              "would stop it on the float input; the symmetric tables use exact_lattice(x, 64).")
+    x = x_float if alike and not args.lattice else nb.exact_lattice(x_float, 64)
     floor = nb.class_floor(x, y, depth)
     print(f"# {args.size}: n={len(x)}, k={k}, mean depth {depth.mean():.2f}; "
           f"class floor finite for {np.isfinite(floor).mean():.1%}; load {os.getloadavg()[0]:.2f}; "

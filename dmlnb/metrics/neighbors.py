@@ -45,9 +45,10 @@ instead of n^2. The results are those of the per-row search, bit for bit:
 - Values. Each similarity is one element of a float32 BLAS product. OpenBLAS's AVX-512
   (SkylakeX) float32 kernels compute an element as the same chain of fused multiply-adds
   whatever the product's shape and the element's place in it (and x.y as y.x), so a tile gives a
-  pair the value a per-row block gives it. Its AVX2 (Haswell) kernels, which it also uses on AMD
-  Zen 3, do not: there a pair's last bits depend on where it falls in the product and on the
-  number of threads (so even the per-row search's values depend on the block size there). Its
+  pair the value a per-row block gives it. Its AVX2 (Haswell) kernels, which it uses on CPUs
+  without AVX-512, do not: there a pair's last bits depend on where it falls in the product and
+  on the number of threads, so even the per-row search's values depend on the block size
+  (``benchmarks/measure_symmetric_work.py`` prints the share of cells that differ). Its
   float64 kernels do not either, so float64 (and CUDA, where the product is not the bottleneck)
   keep the per-row search. This is checked while searching: 16 probe rows are computed as a
   per-row block first and compared with every tile that holds them (and, when first hits are
